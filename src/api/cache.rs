@@ -1,0 +1,182 @@
+//! `cachecoord.v1.CacheService`.
+
+use std::time::Duration;
+
+use tonic::{Request, Response, Status};
+
+use super::{Limits, to_proto_duration, wait_budget};
+use crate::{
+    proto::{self, cache_service_server::CacheService},
+    store::cache::{CacheStore, Condition, Entry, Fetched, Write},
+};
+
+/// Cache RPC handlers.
+pub struct CacheApi {
+    store: CacheStore,
+    limits: Limits,
+    /// TTL of entries written without one.
+    default_ttl: Duration,
+    /// Lifetime of a fill lease when the Fetch gives none.
+    default_fill_timeout: Duration,
+}
+
+impl CacheApi {
+    /// Handlers over `store`.
+    pub fn new(store: CacheStore, limits: Limits, default_ttl: Duration, default_fill_timeout: Duration) -> Self {
+        Self { store, limits, default_ttl, default_fill_timeout }
+    }
+
+    /// Checks one entry to write; `field` prefixes the names (`items[2].`).
+    fn write<'a>(
+        &self,
+        field: &str,
+        key: &'a str,
+        value: &'a [u8],
+        ttl: Option<prost_types::Duration>,
+        tags: &'a [String],
+    ) -> Result<Write<'a>, Status> {
+        self.limits.key(|| format!("{field}key"), key)?;
+        self.limits.value(|| format!("{field}value"), value)?;
+        let ttl = self.limits.ttl(|| format!("{field}ttl"), ttl, self.default_ttl)?;
+        self.limits.keys(&format!("{field}tags"), tags)?;
+        Ok(Write { key, value, ttl, tags })
+    }
+}
+
+fn entry_parts(entry: Entry) -> (bool, Vec<u8>, Option<prost_types::Duration>) {
+    let ttl = entry.ttl.map(to_proto_duration);
+    match entry.value {
+        Some(value) => (true, value, ttl),
+        None => (false, Vec::new(), None),
+    }
+}
+
+#[tonic::async_trait]
+impl CacheService for CacheApi {
+    async fn get(&self, request: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
+        let request = request.into_inner();
+        self.limits.key(|| "key".into(), &request.key)?;
+        let entry = self.store.get_many(std::slice::from_ref(&request.key)).await?.pop().unwrap_or(Entry {
+            value: None,
+            ttl: None,
+        });
+        let (found, value, ttl) = entry_parts(entry);
+        Ok(Response::new(proto::GetResponse { found, value, ttl }))
+    }
+
+    async fn get_many(
+        &self,
+        request: Request<proto::GetManyRequest>,
+    ) -> Result<Response<proto::GetManyResponse>, Status> {
+        let request = request.into_inner();
+        self.limits.keys("keys", &request.keys)?;
+        let entries = self.store.get_many(&request.keys).await?;
+        let entries = request
+            .keys
+            .into_iter()
+            .zip(entries)
+            .map(|(key, entry)| {
+                let (found, value, ttl) = entry_parts(entry);
+                proto::CacheEntry { key, found, value, ttl }
+            })
+            .collect();
+        Ok(Response::new(proto::GetManyResponse { entries }))
+    }
+
+    async fn set(&self, request: Request<proto::SetRequest>) -> Result<Response<proto::SetResponse>, Status> {
+        let request = request.into_inner();
+        let condition = match proto::SetCondition::try_from(request.condition) {
+            Ok(proto::SetCondition::Unspecified) => Condition::Always,
+            Ok(proto::SetCondition::IfAbsent) => Condition::IfAbsent,
+            Ok(proto::SetCondition::IfPresent) => Condition::IfPresent,
+            Err(_) => return Err(Status::invalid_argument("condition: unknown value")),
+        };
+        let write = self.write("", &request.key, &request.value, request.ttl, &request.tags)?;
+        let stored = self.store.set(&write, condition).await?;
+        Ok(Response::new(proto::SetResponse { stored }))
+    }
+
+    async fn set_many(
+        &self,
+        request: Request<proto::SetManyRequest>,
+    ) -> Result<Response<proto::SetManyResponse>, Status> {
+        let request = request.into_inner();
+        self.limits.batch("items", request.items.len())?;
+        let writes = request
+            .items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| self.write(&format!("items[{i}]."), &item.key, &item.value, item.ttl, &item.tags))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stored = self.store.set_many(&writes).await?;
+        Ok(Response::new(proto::SetManyResponse { stored }))
+    }
+
+    async fn delete(&self, request: Request<proto::DeleteRequest>) -> Result<Response<proto::DeleteResponse>, Status> {
+        let request = request.into_inner();
+        self.limits.keys("keys", &request.keys)?;
+        let deleted = self.store.delete(&request.keys).await?;
+        Ok(Response::new(proto::DeleteResponse { deleted }))
+    }
+
+    async fn touch(&self, request: Request<proto::TouchRequest>) -> Result<Response<proto::TouchResponse>, Status> {
+        let request = request.into_inner();
+        self.limits.key(|| "key".into(), &request.key)?;
+        let ttl = request.ttl.ok_or_else(|| Status::invalid_argument("ttl: is required"))?;
+        let ttl = self.limits.span(|| "ttl".into(), ttl, false)?;
+        let found = self.store.touch(&request.key, ttl).await?;
+        Ok(Response::new(proto::TouchResponse { found }))
+    }
+
+    async fn fetch(&self, request: Request<proto::FetchRequest>) -> Result<Response<proto::FetchResponse>, Status> {
+        let budget = |wanted| wait_budget(&request, wanted);
+        let body = request.get_ref();
+        self.limits.key(|| "key".into(), &body.key)?;
+        let fill_timeout = self.limits.ttl(|| "fill_timeout".into(), body.fill_timeout, self.default_fill_timeout)?;
+        let max_wait = match body.max_wait {
+            None => self.default_fill_timeout,
+            Some(wait) => self.limits.span(|| "max_wait".into(), wait, true)?,
+        };
+        let max_wait = budget(max_wait);
+        let response = match self.store.fetch(&body.key, fill_timeout, max_wait).await? {
+            Fetched::Hit(entry) => {
+                let (_, value, ttl) = entry_parts(entry);
+                proto::FetchResponse { outcome: proto::FetchOutcome::Hit.into(), value, ttl, ..Default::default() }
+            }
+            Fetched::Fill(fill_token) => {
+                proto::FetchResponse { outcome: proto::FetchOutcome::Fill.into(), fill_token, ..Default::default() }
+            }
+            Fetched::Timeout => proto::FetchResponse { outcome: proto::FetchOutcome::Timeout.into(), ..Default::default() },
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn fill(&self, request: Request<proto::FillRequest>) -> Result<Response<proto::FillResponse>, Status> {
+        let request = request.into_inner();
+        let write = self.write("", &request.key, &request.value, request.ttl, &request.tags)?;
+        self.limits.key(|| "fill_token".into(), &request.fill_token)?;
+        let stored = self.store.fill(&write, &request.fill_token).await?;
+        Ok(Response::new(proto::FillResponse { stored }))
+    }
+
+    async fn abandon_fill(
+        &self,
+        request: Request<proto::AbandonFillRequest>,
+    ) -> Result<Response<proto::AbandonFillResponse>, Status> {
+        let request = request.into_inner();
+        self.limits.key(|| "key".into(), &request.key)?;
+        self.limits.key(|| "fill_token".into(), &request.fill_token)?;
+        let released = self.store.abandon_fill(&request.key, &request.fill_token).await?;
+        Ok(Response::new(proto::AbandonFillResponse { released }))
+    }
+
+    async fn invalidate_tags(
+        &self,
+        request: Request<proto::InvalidateTagsRequest>,
+    ) -> Result<Response<proto::InvalidateTagsResponse>, Status> {
+        let request = request.into_inner();
+        self.limits.keys("tags", &request.tags)?;
+        let invalidated = self.store.invalidate_tags(&request.tags).await?;
+        Ok(Response::new(proto::InvalidateTagsResponse { invalidated }))
+    }
+}

@@ -1,0 +1,180 @@
+//! The gRPC layer: one file per service. Handlers check the request against
+//! [`Limits`], call the store, and convert the answer back; only this layer
+//! sees prost types.
+
+pub mod cache;
+pub mod pending;
+
+use std::time::Duration;
+
+use crate::{config::Config, error::Error};
+
+/// The request limits of SPEC §1, from configuration.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Longest key, name or tag, in bytes.
+    pub max_key_bytes: usize,
+    /// Largest value, in bytes.
+    pub max_value_bytes: usize,
+    /// Most items in one batch.
+    pub max_batch: usize,
+    /// Longest TTL.
+    pub max_ttl: Duration,
+}
+
+impl Limits {
+    /// The limits configured for this process.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            max_key_bytes: config.max_key_bytes,
+            max_value_bytes: config.max_value_bytes,
+            max_batch: config.max_batch,
+            max_ttl: config.max_ttl,
+        }
+    }
+
+    /// A key, name or tag: 1..=max_key_bytes bytes.
+    pub fn key(&self, field: impl Fn() -> String, key: &str) -> Result<(), Error> {
+        if key.is_empty() {
+            return Err(Error::invalid(field(), "must not be empty"));
+        }
+        if key.len() > self.max_key_bytes {
+            return Err(Error::invalid(field(), format!("must be at most {} bytes", self.max_key_bytes)));
+        }
+        Ok(())
+    }
+
+    /// Each key of a list, named `field[i]`.
+    pub fn keys(&self, field: &str, keys: &[String]) -> Result<(), Error> {
+        self.batch(field, keys.len())?;
+        for (i, key) in keys.iter().enumerate() {
+            self.key(|| format!("{field}[{i}]"), key)?;
+        }
+        Ok(())
+    }
+
+    /// A value: at most max_value_bytes bytes.
+    pub fn value(&self, field: impl Fn() -> String, value: &[u8]) -> Result<(), Error> {
+        if value.len() > self.max_value_bytes {
+            return Err(Error::invalid(field(), format!("must be at most {} bytes", self.max_value_bytes)));
+        }
+        Ok(())
+    }
+
+    /// A batch: at most max_batch items.
+    pub fn batch(&self, field: &str, len: usize) -> Result<(), Error> {
+        if len > self.max_batch {
+            return Err(Error::invalid(field, format!("must have at most {} items", self.max_batch)));
+        }
+        Ok(())
+    }
+
+    /// An optional TTL: absent → `default`; else positive and at most max_ttl.
+    pub fn ttl(
+        &self,
+        field: impl Fn() -> String,
+        ttl: Option<prost_types::Duration>,
+        default: Duration,
+    ) -> Result<Duration, Error> {
+        match ttl {
+            None => Ok(default),
+            Some(ttl) => self.span(field, ttl, false),
+        }
+    }
+
+    /// A required time span: positive (or zero when `zero_ok`), at most max_ttl.
+    pub fn span(
+        &self,
+        field: impl Fn() -> String,
+        span: prost_types::Duration,
+        zero_ok: bool,
+    ) -> Result<Duration, Error> {
+        let rule = if zero_ok { "must be zero or positive" } else { "must be positive" };
+        let span = Duration::try_from(span).map_err(|_| Error::invalid(field(), rule))?;
+        if span.is_zero() && !zero_ok {
+            return Err(Error::invalid(field(), rule));
+        }
+        if span > self.max_ttl {
+            return Err(Error::invalid(
+                field(),
+                format!("must be at most {}", humantime::format_duration(self.max_ttl)),
+            ));
+        }
+        Ok(span)
+    }
+}
+
+/// A std duration as a protobuf Duration (saturating; ours are all small).
+pub fn to_proto_duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// How long until the caller's deadline (`grpc-timeout`), if it sent one.
+pub fn caller_deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = amount.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// The longest a handler may wait server-side: `wanted`, cut short so the
+/// answer reaches the caller before its deadline does.
+pub fn wait_budget<T>(request: &tonic::Request<T>, wanted: Duration) -> Duration {
+    // Leave room for the answer's trip back.
+    const MARGIN: Duration = Duration::from_millis(20);
+    match caller_deadline(request) {
+        Some(deadline) => wanted.min(deadline.saturating_sub(MARGIN)),
+        None => wanted,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits { max_key_bytes: 4, max_value_bytes: 8, max_batch: 2, max_ttl: Duration::from_secs(60) }
+    }
+
+    #[test]
+    fn key_limits_hold_at_the_boundary() {
+        let limits = limits();
+        assert!(limits.key(|| "key".into(), "abcd").is_ok());
+        assert!(limits.key(|| "key".into(), "abcde").unwrap_err().to_string().contains("key: must be at most 4 bytes"));
+        assert!(limits.key(|| "key".into(), "").unwrap_err().to_string().contains("key: must not be empty"));
+        assert!(limits.keys("keys", &["a".into(), "".into()]).unwrap_err().to_string().starts_with("keys[1]"));
+        assert!(limits.keys("keys", &["a".into(), "b".into(), "c".into()]).is_err());
+    }
+
+    #[test]
+    fn ttl_limits_hold_at_the_boundary() {
+        let limits = limits();
+        let d = |seconds, nanos| prost_types::Duration { seconds, nanos };
+        let field = || "ttl".to_string();
+        assert_eq!(limits.ttl(field, None, Duration::from_secs(5)).unwrap(), Duration::from_secs(5));
+        assert_eq!(limits.ttl(field, Some(d(60, 0)), Duration::ZERO).unwrap(), Duration::from_secs(60));
+        assert!(limits.ttl(field, Some(d(60, 1)), Duration::ZERO).is_err());
+        assert!(limits.ttl(field, Some(d(0, 0)), Duration::ZERO).is_err());
+        assert!(limits.ttl(field, Some(d(-1, 0)), Duration::ZERO).is_err());
+        assert_eq!(limits.span(field, d(0, 0), true).unwrap(), Duration::ZERO);
+    }
+
+    #[test]
+    fn grpc_timeout_header_is_read() {
+        let mut request = tonic::Request::new(());
+        request.metadata_mut().insert("grpc-timeout", "250m".parse().unwrap());
+        assert_eq!(caller_deadline(&request), Some(Duration::from_millis(250)));
+        assert_eq!(wait_budget(&request, Duration::from_secs(5)), Duration::from_millis(230));
+    }
+}

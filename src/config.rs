@@ -1,0 +1,188 @@
+//! Process configuration: every flag has an environment variable, and every
+//! value is checked here, once, before anything starts.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Parser, ValueEnum};
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// cachecoord: one gRPC contract in front of Redis for caching, sessions,
+/// rate limits, locks and counters.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "cachecoord", version, about, long_about = None)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "CACHECOORD_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// Redis URL: redis://[:password@]host:port[/db], or rediss:// for TLS.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Most Redis connections held open at once (each is multiplexed).
+    #[arg(long, env = "CACHECOORD_REDIS_POOL_SIZE", default_value_t = 8)]
+    pub redis_pool_size: usize,
+
+    /// Longest wait to open a Redis connection.
+    #[arg(long, env = "CACHECOORD_REDIS_CONNECT_TIMEOUT", default_value = "2s", value_parser = duration)]
+    pub redis_connect_timeout: Duration,
+
+    /// Longest wait for one Redis operation (checkout plus command); past it
+    /// the RPC fails with UNAVAILABLE.
+    #[arg(long, env = "CACHECOORD_REDIS_TIMEOUT", default_value = "1s", value_parser = duration)]
+    pub redis_timeout: Duration,
+
+    /// Prefix of every Redis key and channel the service uses.
+    #[arg(long, env = "CACHECOORD_KEY_PREFIX", default_value = "cc")]
+    pub key_prefix: String,
+
+    /// TTL of a cache entry written without one.
+    #[arg(long, env = "CACHECOORD_CACHE_DEFAULT_TTL", default_value = "1h", value_parser = duration)]
+    pub cache_default_ttl: Duration,
+
+    /// Lifetime of a Fetch fill lease when the request gives none.
+    #[arg(long, env = "CACHECOORD_CACHE_FILL_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub cache_fill_timeout: Duration,
+
+    /// Longest key, name or tag, in bytes.
+    #[arg(long, env = "CACHECOORD_MAX_KEY_BYTES", default_value_t = 512)]
+    pub max_key_bytes: usize,
+
+    /// Largest value, in bytes.
+    #[arg(long, env = "CACHECOORD_MAX_VALUE_BYTES", default_value_t = 1 << 20)]
+    pub max_value_bytes: usize,
+
+    /// Most items in one batch (keys, entries, tags, tokens, limits).
+    #[arg(long, env = "CACHECOORD_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+
+    /// Longest TTL a request may ask for.
+    #[arg(long, env = "CACHECOORD_MAX_TTL", default_value = "30d", value_parser = duration)]
+    pub max_ttl: Duration,
+
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "CACHECOORD_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
+    pub max_message_bytes: usize,
+
+    /// How long in-flight RPCs may run on after SIGTERM/SIGINT.
+    #[arg(long, env = "CACHECOORD_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log line format.
+    #[arg(long, env = "CACHECOORD_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 2s, 1h, 30d)"))
+}
+
+impl Config {
+    /// Checks the values that parse but make no sense, collecting them all.
+    pub fn validate(&self) -> Result<(), String> {
+        let mut bad = Vec::new();
+        let mut check = |ok: bool, what: &str| {
+            if !ok {
+                bad.push(what.to_string());
+            }
+        };
+        check(
+            deadpool_redis::redis::parse_redis_url(&self.redis_url).is_some()
+                && deadpool_redis::redis::Client::open(self.redis_url.as_str()).is_ok(),
+            "--redis-url must be a redis:// or rediss:// URL",
+        );
+        check(self.redis_pool_size > 0, "--redis-pool-size must be at least 1");
+        check(!self.redis_connect_timeout.is_zero(), "--redis-connect-timeout must be positive");
+        check(!self.redis_timeout.is_zero(), "--redis-timeout must be positive");
+        check(
+            !self.key_prefix.is_empty()
+                && self.key_prefix.len() <= 64
+                && !self.key_prefix.contains(['{', '}']),
+            "--key-prefix must be 1..64 bytes without '{' or '}'",
+        );
+        check(self.max_key_bytes > 0, "--max-key-bytes must be at least 1");
+        check(self.max_value_bytes > 0, "--max-value-bytes must be at least 1");
+        check(self.max_batch > 0, "--max-batch must be at least 1");
+        check(!self.max_ttl.is_zero(), "--max-ttl must be positive");
+        check(
+            !self.cache_default_ttl.is_zero() && self.cache_default_ttl <= self.max_ttl,
+            "--cache-default-ttl must be positive and at most --max-ttl",
+        );
+        check(
+            !self.cache_fill_timeout.is_zero() && self.cache_fill_timeout <= self.max_ttl,
+            "--cache-fill-timeout must be positive and at most --max-ttl",
+        );
+        check(
+            self.max_message_bytes >= self.max_value_bytes + 64 * 1024,
+            "--max-message-bytes must exceed --max-value-bytes by at least 64 KiB",
+        );
+        if bad.is_empty() { Ok(()) } else { Err(bad.join("; ")) }
+    }
+
+    /// The Redis URL with any password replaced, for logs.
+    pub fn redacted_redis_url(&self) -> String {
+        redact_url(&self.redis_url)
+    }
+}
+
+/// Replaces the userinfo part of a URL (`user:password@`) with `***@`.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}***{}", &url[..scheme_end + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(std::iter::once("cachecoord").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = parse(&[]).expect("defaults parse");
+        assert_eq!(config.validate(), Ok(()));
+        assert_eq!(config.listen.port(), 50051);
+        assert_eq!(config.max_ttl, Duration::from_secs(30 * 24 * 3600));
+    }
+
+    #[test]
+    fn every_bad_value_is_named_at_once() {
+        let config = parse(&["--redis-pool-size", "0", "--key-prefix", "a{b", "--max-batch", "0"])
+            .expect("parses");
+        let err = config.validate().expect_err("invalid");
+        assert!(err.contains("--redis-pool-size"), "{err}");
+        assert!(err.contains("--key-prefix"), "{err}");
+        assert!(err.contains("--max-batch"), "{err}");
+    }
+
+    #[test]
+    fn unparsable_duration_is_rejected() {
+        assert!(parse(&["--redis-timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn bad_redis_url_is_rejected() {
+        let config = parse(&["--redis-url", "http://x"]).expect("parses");
+        assert!(config.validate().expect_err("invalid").contains("--redis-url"));
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact_url("redis://:s3cret@host:6379/2"), "redis://***@host:6379/2");
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
+}

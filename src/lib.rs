@@ -1,0 +1,24 @@
+//! cachecoord: one gRPC contract in front of Redis for caching, sessions and
+//! token revocation, rate limiting, distributed locks and counters.
+//!
+//! # Layout
+//! - [`config`]: flags and environment, validated once.
+//! - [`server`]: assembles health, reflection, logging and the services.
+//! - [`api`]: one file per gRPC service; converts proto ⇄ domain, checks limits.
+//! - [`store`]: the only code that speaks Redis; Lua scripts in `store/lua/`.
+//! - [`keys`]: every Redis key name.
+//! - [`error`]: the one error type and its mapping to gRPC statuses.
+//! - [`health`]: grpc.health.v1 statuses that follow a Redis probe.
+//!
+//! `server::run` takes the listener and a shutdown future, so tests start the
+//! real server in-process on port 0.
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod health;
+pub mod keys;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod telemetry;

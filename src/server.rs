@@ -1,0 +1,124 @@
+//! Assembles the gRPC server and runs it until shutdown.
+
+use std::{future::Future, time::Duration};
+
+use tokio::net::TcpListener;
+use tonic::transport::{Server, server::TcpIncoming};
+use tonic_health::ServingStatus;
+use tower_http::trace::TraceLayer;
+
+use crate::{
+    api::{Limits, cache::CacheApi, pending::Pending},
+    config::Config,
+    health,
+    keys::Keys,
+    proto::{
+        self, cache_service_server::CacheServiceServer, lock_service_server::LockServiceServer,
+        rate_limit_service_server::RateLimitServiceServer, session_service_server::SessionServiceServer,
+        stats_service_server::StatsServiceServer,
+    },
+    store::{Redis, cache::CacheStore},
+};
+
+/// Serves on `listener` until `shutdown` resolves, then reports NOT_SERVING,
+/// lets in-flight RPCs finish for up to `--shutdown-grace`, and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let redis = Redis::new(&config)?;
+    let keys = Keys::new(&config.key_prefix);
+    let limits = Limits::from_config(&config);
+
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    health::set_all(&reporter, ServingStatus::NotServing).await;
+    let probe = tokio::spawn(health::probe(redis.clone(), reporter.clone()));
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let cache = CacheApi::new(
+        CacheStore::new(redis.clone(), keys.clone()),
+        limits,
+        config.cache_default_ttl,
+        config.cache_fill_timeout,
+    );
+    let max = config.max_message_bytes;
+    macro_rules! sized {
+        ($server:expr) => {
+            $server.max_decoding_message_size(max).max_encoding_message_size(max)
+        };
+    }
+
+    // Shutdown order: health first (so balancers stop sending), then the
+    // server stops accepting and drains.
+    let (stopping_tx, mut stopping_rx) = tokio::sync::watch::channel(false);
+    let stop_reporter = reporter.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        tracing::info!("shutting down: NOT_SERVING, draining in-flight RPCs");
+        probe.abort();
+        health::set_all(&stop_reporter, ServingStatus::NotServing).await;
+        let _ = stopping_tx.send(true);
+    });
+    let mut drained_rx = stopping_rx.clone();
+
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = Server::builder()
+        .layer(
+            TraceLayer::new_for_grpc()
+                .make_span_with(|request: &http::Request<_>| {
+                    tracing::info_span!("rpc", method = %request.uri().path())
+                })
+                .on_request(())
+                .on_response(log_response)
+                .on_body_chunk(())
+                .on_eos(())
+                .on_failure(()),
+        )
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(sized!(CacheServiceServer::new(cache)))
+        .add_service(sized!(SessionServiceServer::new(Pending)))
+        .add_service(sized!(RateLimitServiceServer::new(Pending)))
+        .add_service(sized!(LockServiceServer::new(Pending)))
+        .add_service(sized!(StatsServiceServer::new(Pending)))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stopping_rx.wait_for(|stopping| *stopping).await;
+        });
+
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        result = server => result?,
+        () = async move {
+            let _ = drained_rx.wait_for(|stopping| *stopping).await;
+            tokio::time::sleep(grace).await;
+        } => tracing::warn!(?grace, "grace period over; abandoning RPCs still running"),
+    }
+    Ok(())
+}
+
+/// The one log line per RPC: method (from the span), gRPC code, latency.
+fn log_response<B>(response: &http::Response<B>, latency: Duration, _span: &tracing::Span) {
+    // Errors travel as trailers-only responses, so the code is in the headers;
+    // a response without one is a success whose OK comes in the trailers.
+    let code = response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from_i32);
+    let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+    if matches!(code, tonic::Code::Internal | tonic::Code::Unknown) {
+        tracing::error!(code = ?code, latency_us = micros, "rpc");
+    } else {
+        tracing::info!(code = ?code, latency_us = micros, "rpc");
+    }
+}
