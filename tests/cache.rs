@@ -1,0 +1,405 @@
+//! CacheService behaviour, RPC by RPC, against a real Redis.
+
+mod common;
+
+use std::time::Duration;
+
+use cachecoord::proto::{
+    DeleteRequest, GetManyRequest, GetRequest, InvalidateTagsRequest, SetCondition, SetItem, SetManyRequest,
+    SetRequest, TouchRequest,
+};
+use common::{RedisServer, TestServer, assert_invalid, ms};
+use deadpool_redis::redis::{self, AsyncCommands};
+
+fn set(key: &str, value: &[u8]) -> SetRequest {
+    SetRequest { key: key.into(), value: value.to_vec(), ..Default::default() }
+}
+
+fn get(key: &str) -> GetRequest {
+    GetRequest { key: key.into() }
+}
+
+fn ttl_ms(ttl: Option<prost_types::Duration>) -> u64 {
+    let ttl = ttl.expect("ttl present");
+    ttl.seconds as u64 * 1000 + ttl.nanos as u64 / 1_000_000
+}
+
+/// Every key the service wrote under its prefix.
+async fn stored_keys(redis: &RedisServer, server: &TestServer) -> Vec<String> {
+    let mut conn = redis.client().await;
+    conn.keys(format!("{}:*", server.prefix)).await.expect("KEYS")
+}
+
+#[tokio::test]
+async fn set_then_get_round_trips_value_and_ttl() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+
+    let stored = cache
+        .set(SetRequest { ttl: ms(60_000), ..set("user:1", b"\x00\xffbytes") })
+        .await
+        .unwrap()
+        .into_inner()
+        .stored;
+    assert!(stored);
+    let got = cache.get(get("user:1")).await.unwrap().into_inner();
+    assert!(got.found);
+    assert_eq!(got.value, b"\x00\xffbytes");
+    let ttl = ttl_ms(got.ttl);
+    assert!((59_000..=60_000).contains(&ttl), "ttl {ttl}");
+
+    // Empty is a valid value, distinct from a miss.
+    cache.set(set("empty", b"")).await.unwrap();
+    let got = cache.get(get("empty")).await.unwrap().into_inner();
+    assert!(got.found);
+    assert!(got.value.is_empty());
+}
+
+#[tokio::test]
+async fn miss_is_not_an_error() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let got = server.cache().get(get("nope")).await.unwrap().into_inner();
+    assert!(!got.found);
+    assert!(got.value.is_empty());
+    assert!(got.ttl.is_none());
+}
+
+#[tokio::test]
+async fn absent_ttl_uses_the_configured_default() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start_with(&redis, &["--cache-default-ttl", "90s"]).await;
+    let mut cache = server.cache();
+    cache.set(set("k", b"v")).await.unwrap();
+    let ttl = ttl_ms(cache.get(get("k")).await.unwrap().into_inner().ttl);
+    assert!((89_000..=90_000).contains(&ttl), "ttl {ttl}");
+}
+
+#[tokio::test]
+async fn entry_without_expiry_has_no_ttl() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    // Written by another Redis client, without an expiry.
+    let mut conn = redis.client().await;
+    let _: () = conn.set(server.cache_key("legacy"), "v").await.unwrap();
+    let got = server.cache().get(get("legacy")).await.unwrap().into_inner();
+    assert!(got.found);
+    assert!(got.ttl.is_none());
+}
+
+#[tokio::test]
+async fn entries_expire() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    cache.set(SetRequest { ttl: ms(50), ..set("short", b"v") }).await.unwrap();
+    // Redis expires the key itself; ask Redis when it is gone, then check the RPC agrees.
+    let mut conn = redis.client().await;
+    let key = server.cache_key("short");
+    for _ in 0..200 {
+        let exists: bool = conn.exists(&key).await.unwrap();
+        if !exists {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!cache.get(get("short")).await.unwrap().into_inner().found);
+}
+
+#[tokio::test]
+async fn set_conditions() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    let with = |key: &str, value: &[u8], condition: SetCondition| SetRequest {
+        condition: condition.into(),
+        ..set(key, value)
+    };
+
+    // IF_PRESENT on a missing key: not stored.
+    assert!(!cache.set(with("k", b"1", SetCondition::IfPresent)).await.unwrap().into_inner().stored);
+    assert!(!cache.get(get("k")).await.unwrap().into_inner().found);
+    // IF_ABSENT on a missing key: stored.
+    assert!(cache.set(with("k", b"2", SetCondition::IfAbsent)).await.unwrap().into_inner().stored);
+    // IF_ABSENT on a present key: not stored, value kept.
+    assert!(!cache.set(with("k", b"3", SetCondition::IfAbsent)).await.unwrap().into_inner().stored);
+    assert_eq!(cache.get(get("k")).await.unwrap().into_inner().value, b"2");
+    // IF_PRESENT on a present key: stored.
+    assert!(cache.set(with("k", b"4", SetCondition::IfPresent)).await.unwrap().into_inner().stored);
+    // UNSPECIFIED: always.
+    assert!(cache.set(with("k", b"5", SetCondition::Unspecified)).await.unwrap().into_inner().stored);
+    assert_eq!(cache.get(get("k")).await.unwrap().into_inner().value, b"5");
+
+    let unknown = SetRequest { condition: 42, ..set("k", b"6") };
+    assert_invalid(cache.set(unknown).await, "condition");
+}
+
+#[tokio::test]
+async fn if_absent_admits_exactly_one_of_many_concurrent_writers() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let writers = (0..64).map(|i| {
+        let mut cache = server.cache();
+        tokio::spawn(async move {
+            let request = SetRequest {
+                condition: SetCondition::IfAbsent.into(),
+                ..set("race", format!("{i}").as_bytes())
+            };
+            cache.set(request).await.unwrap().into_inner().stored
+        })
+    });
+    let mut stored = 0;
+    for writer in writers.collect::<Vec<_>>() {
+        stored += usize::from(writer.await.unwrap());
+    }
+    assert_eq!(stored, 1);
+}
+
+#[tokio::test]
+async fn get_many_answers_in_request_order_with_duplicates() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    cache.set(set("a", b"A")).await.unwrap();
+    cache.set(set("c", b"C")).await.unwrap();
+
+    let keys: Vec<String> = ["c", "b", "a", "c"].map(String::from).to_vec();
+    let entries = cache.get_many(GetManyRequest { keys: keys.clone() }).await.unwrap().into_inner().entries;
+    let seen: Vec<_> = entries.iter().map(|e| (e.key.as_str(), e.found, e.value.as_slice())).collect();
+    assert_eq!(seen, [("c", true, &b"C"[..]), ("b", false, &b""[..]), ("a", true, &b"A"[..]), ("c", true, &b"C"[..])]);
+    assert!(entries[0].ttl.is_some() && entries[1].ttl.is_none());
+
+    let none = cache.get_many(GetManyRequest { keys: vec![] }).await.unwrap().into_inner();
+    assert!(none.entries.is_empty());
+}
+
+#[tokio::test]
+async fn set_many_writes_every_item_with_its_ttl() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    let items: Vec<SetItem> = (0..100)
+        .map(|i| SetItem {
+            key: format!("k{i}"),
+            value: format!("v{i}").into_bytes(),
+            ttl: if i % 2 == 0 { ms(30_000) } else { None },
+            tags: if i < 10 { vec!["first-ten".into()] } else { vec![] },
+        })
+        .collect();
+    let stored = cache.set_many(SetManyRequest { items }).await.unwrap().into_inner().stored;
+    assert_eq!(stored, 100);
+
+    let keys: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
+    let entries = cache.get_many(GetManyRequest { keys }).await.unwrap().into_inner().entries;
+    for (i, entry) in entries.iter().enumerate() {
+        assert!(entry.found);
+        assert_eq!(entry.value, format!("v{i}").into_bytes());
+        let ttl = ttl_ms(entry.ttl);
+        if i % 2 == 0 {
+            assert!(ttl <= 30_000, "k{i} ttl {ttl}");
+        } else {
+            assert!(ttl > 3_000_000, "k{i} default ttl {ttl}");
+        }
+    }
+    let invalidated = cache.invalidate_tags(InvalidateTagsRequest { tags: vec!["first-ten".into()] }).await;
+    assert_eq!(invalidated.unwrap().into_inner().invalidated, 10);
+}
+
+#[tokio::test]
+async fn delete_counts_only_live_entries() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    cache.set(set("a", b"1")).await.unwrap();
+    cache.set(set("b", b"2")).await.unwrap();
+    let keys = ["a", "b", "missing"].map(String::from).to_vec();
+    assert_eq!(cache.delete(DeleteRequest { keys: keys.clone() }).await.unwrap().into_inner().deleted, 2);
+    assert_eq!(cache.delete(DeleteRequest { keys }).await.unwrap().into_inner().deleted, 0);
+    assert!(!cache.get(get("a")).await.unwrap().into_inner().found);
+}
+
+#[tokio::test]
+async fn touch_sets_a_new_ttl_on_live_entries_only() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    cache.set(SetRequest { ttl: ms(5_000), ..set("k", b"v") }).await.unwrap();
+    let touched = cache.touch(TouchRequest { key: "k".into(), ttl: ms(120_000) }).await.unwrap().into_inner();
+    assert!(touched.found);
+    let ttl = ttl_ms(cache.get(get("k")).await.unwrap().into_inner().ttl);
+    assert!(ttl > 100_000, "ttl {ttl}");
+    assert_eq!(cache.get(get("k")).await.unwrap().into_inner().value, b"v");
+
+    let missing = cache.touch(TouchRequest { key: "nope".into(), ttl: ms(1_000) }).await.unwrap().into_inner();
+    assert!(!missing.found);
+    assert_invalid(cache.touch(TouchRequest { key: "k".into(), ttl: None }).await, "ttl");
+}
+
+#[tokio::test]
+async fn invalidate_tags_deletes_tagged_entries_once_each() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    let tagged = |key: &str, tags: &[&str]| SetRequest { tags: tags.iter().map(|t| t.to_string()).collect(), ..set(key, b"v") };
+    cache.set(tagged("u1", &["users", "team:a"])).await.unwrap();
+    cache.set(tagged("u2", &["users"])).await.unwrap();
+    cache.set(tagged("p1", &["posts"])).await.unwrap();
+    // Re-tagging replaces: u3 was a user, is now only a post.
+    cache.set(tagged("u3", &["users"])).await.unwrap();
+    cache.set(tagged("u3", &["posts"])).await.unwrap();
+
+    let tags = vec!["users".to_string(), "team:a".to_string()];
+    let invalidated = cache.invalidate_tags(InvalidateTagsRequest { tags }).await.unwrap().into_inner().invalidated;
+    assert_eq!(invalidated, 2, "u1 counted once although it has both tags");
+    for (key, found) in [("u1", false), ("u2", false), ("p1", true), ("u3", true)] {
+        assert_eq!(cache.get(get(key)).await.unwrap().into_inner().found, found, "{key}");
+    }
+    // Deleted entries leave their other tags too: nothing left for team:a or users.
+    let again = cache.invalidate_tags(InvalidateTagsRequest { tags: vec!["users".into(), "team:a".into()] }).await;
+    assert_eq!(again.unwrap().into_inner().invalidated, 0);
+}
+
+#[tokio::test]
+async fn tag_bookkeeping_expires_with_its_entries() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    let request = SetRequest { ttl: ms(80), tags: vec!["t".into()], ..set("k", b"v") };
+    cache.set(request).await.unwrap();
+    assert_eq!(stored_keys(&redis, &server).await.len(), 3, "entry, its tag list, the tag index");
+
+    // Every key carries an expiry no later than the entry's.
+    let mut conn = redis.client().await;
+    for key in stored_keys(&redis, &server).await {
+        let pttl: i64 = conn.pttl(&key).await.unwrap();
+        assert!((1..=80).contains(&pttl), "{key} pttl {pttl}");
+    }
+    // And so they all go away.
+    for _ in 0..300 {
+        if stored_keys(&redis, &server).await.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("tag bookkeeping outlived its entry: {:?}", stored_keys(&redis, &server).await);
+}
+
+#[tokio::test]
+async fn deleting_or_untagging_an_entry_removes_it_from_its_tag_index() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    cache.set(SetRequest { tags: vec!["t".into()], ..set("a", b"v") }).await.unwrap();
+    cache.set(SetRequest { tags: vec!["t".into()], ..set("b", b"v") }).await.unwrap();
+    cache.delete(DeleteRequest { keys: vec!["a".into()] }).await.unwrap();
+    cache.set(set("b", b"untagged now")).await.unwrap();
+    assert_eq!(stored_keys(&redis, &server).await, vec![server.cache_key("b")]);
+}
+
+#[tokio::test]
+async fn touch_keeps_tags_valid_until_the_new_expiry() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    cache.set(SetRequest { ttl: ms(1_000), tags: vec!["t".into()], ..set("k", b"v") }).await.unwrap();
+    cache.touch(TouchRequest { key: "k".into(), ttl: ms(600_000) }).await.unwrap();
+    let mut conn = redis.client().await;
+    for key in stored_keys(&redis, &server).await {
+        let pttl: i64 = conn.pttl(&key).await.unwrap();
+        assert!(pttl > 500_000, "{key} pttl {pttl}");
+    }
+    let invalidated = cache.invalidate_tags(InvalidateTagsRequest { tags: vec!["t".into()] }).await.unwrap();
+    assert_eq!(invalidated.into_inner().invalidated, 1);
+}
+
+#[tokio::test]
+async fn default_limits_hold_at_and_past_the_boundary() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    let key_512 = "k".repeat(512);
+    let key_513 = "k".repeat(513);
+    let mib = vec![7u8; 1 << 20];
+    let mib_plus = vec![7u8; (1 << 20) + 1];
+    let days_30 = Some(prost_types::Duration { seconds: 30 * 86_400, nanos: 0 });
+    let days_30_plus = Some(prost_types::Duration { seconds: 30 * 86_400, nanos: 1 });
+
+    assert!(cache.set(set(&key_512, b"v")).await.unwrap().into_inner().stored);
+    assert_invalid(cache.set(set(&key_513, b"v")).await, "key: must be at most 512 bytes");
+    assert_invalid(cache.set(set("", b"v")).await, "key: must not be empty");
+    assert_invalid(cache.get(get(&key_513)).await, "key");
+    assert_invalid(cache.get(get("")).await, "key");
+
+    assert!(cache.set(set("big", &mib)).await.unwrap().into_inner().stored);
+    assert_eq!(cache.get(get("big")).await.unwrap().into_inner().value.len(), 1 << 20);
+    assert_invalid(cache.set(set("bigger", &mib_plus)).await, "value: must be at most 1048576 bytes");
+
+    assert!(cache.set(SetRequest { ttl: days_30, ..set("long", b"v") }).await.is_ok());
+    assert_invalid(cache.set(SetRequest { ttl: days_30_plus, ..set("longer", b"v") }).await, "ttl");
+    assert_invalid(cache.set(SetRequest { ttl: ms(0), ..set("zero", b"v") }).await, "ttl: must be positive");
+    let negative = Some(prost_types::Duration { seconds: -1, nanos: 0 });
+    assert_invalid(cache.set(SetRequest { ttl: negative, ..set("neg", b"v") }).await, "ttl");
+
+    let keys_1000: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+    let mut keys_1001 = keys_1000.clone();
+    keys_1001.push("one-more".into());
+    assert_eq!(cache.get_many(GetManyRequest { keys: keys_1000.clone() }).await.unwrap().into_inner().entries.len(), 1000);
+    assert_invalid(cache.get_many(GetManyRequest { keys: keys_1001.clone() }).await, "keys: must have at most 1000 items");
+    assert!(cache.delete(DeleteRequest { keys: keys_1000.clone() }).await.is_ok());
+    assert_invalid(cache.delete(DeleteRequest { keys: keys_1001.clone() }).await, "keys");
+    assert!(cache.invalidate_tags(InvalidateTagsRequest { tags: keys_1000.clone() }).await.is_ok());
+    assert_invalid(cache.invalidate_tags(InvalidateTagsRequest { tags: keys_1001.clone() }).await, "tags");
+    let tagged_1000 = SetRequest { tags: keys_1000.clone(), ..set("many-tags", b"v") };
+    assert!(cache.set(tagged_1000).await.unwrap().into_inner().stored);
+    assert_invalid(cache.set(SetRequest { tags: keys_1001, ..set("too-many-tags", b"v") }).await, "tags");
+
+    let item = |i: usize| SetItem { key: format!("item{i}"), value: b"v".to_vec(), ttl: None, tags: vec![] };
+    let items: Vec<SetItem> = (0..1000).map(item).collect();
+    assert_eq!(cache.set_many(SetManyRequest { items }).await.unwrap().into_inner().stored, 1000);
+    let items: Vec<SetItem> = (0..1001).map(item).collect();
+    assert_invalid(cache.set_many(SetManyRequest { items }).await, "items: must have at most 1000 items");
+}
+
+#[tokio::test]
+async fn configured_limits_apply() {
+    let redis = RedisServer::start().await;
+    let flags = ["--max-key-bytes", "8", "--max-value-bytes", "16", "--max-batch", "2", "--max-ttl", "1m", "--cache-default-ttl", "30s"];
+    let server = TestServer::start_with(&redis, &flags).await;
+    let mut cache = server.cache();
+    assert!(cache.set(set("12345678", &[0; 16])).await.is_ok());
+    assert_invalid(cache.set(set("123456789", b"v")).await, "key: must be at most 8 bytes");
+    assert_invalid(cache.set(set("k", &[0; 17])).await, "value: must be at most 16 bytes");
+    assert_invalid(cache.set(SetRequest { ttl: ms(60_001), ..set("k", b"v") }).await, "ttl: must be at most 1m");
+    let keys = ["a", "b", "c"].map(String::from).to_vec();
+    assert_invalid(cache.get_many(GetManyRequest { keys }).await, "keys: must have at most 2 items");
+}
+
+#[tokio::test]
+async fn rejected_requests_write_nothing() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    // A batch with one bad item in the middle is rejected whole, naming the item.
+    let items = vec![
+        SetItem { key: "ok1".into(), value: b"v".to_vec(), ttl: None, tags: vec!["t".into()] },
+        SetItem { key: "".into(), value: b"v".to_vec(), ttl: None, tags: vec![] },
+        SetItem { key: "ok2".into(), value: b"v".to_vec(), ttl: None, tags: vec![] },
+    ];
+    assert_invalid(cache.set_many(SetManyRequest { items }).await, "items[1].key: must not be empty");
+    let bad_tag = SetItem { key: "ok3".into(), value: b"v".to_vec(), ttl: None, tags: vec!["".into()] };
+    assert_invalid(cache.set_many(SetManyRequest { items: vec![bad_tag] }).await, "items[0].tags[0]");
+    assert_invalid(cache.set(SetRequest { tags: vec!["x".repeat(513)], ..set("k", b"v") }).await, "tags[0]");
+    assert_invalid(cache.set(SetRequest { ttl: ms(0), ..set("k", b"v") }).await, "ttl");
+    assert!(stored_keys(&redis, &server).await.is_empty());
+}
+
+#[tokio::test]
+async fn data_is_readable_by_plain_redis_clients() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    server.cache().set(set("plain", b"hello")).await.unwrap();
+    let mut conn = redis.client().await;
+    let value: String = redis::cmd("GET").arg(server.cache_key("plain")).query_async(&mut conn).await.unwrap();
+    assert_eq!(value, "hello");
+}

@@ -1,0 +1,256 @@
+//! Test harness: a throwaway `redis-server` per test and the real service
+//! in-process on port 0, with typed clients.
+//!
+//! Every test gets its own Redis (free port, no persistence, temp dir,
+//! killed on drop, its log printed when the test fails) and its own key
+//! prefix, so tests run in parallel and never touch the Redis on 6379.
+
+#![allow(dead_code)]
+
+use std::{
+    net::TcpListener as StdListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
+};
+
+use cachecoord::{
+    config::Config,
+    proto::{
+        cache_service_client::CacheServiceClient, lock_service_client::LockServiceClient,
+        rate_limit_service_client::RateLimitServiceClient, session_service_client::SessionServiceClient,
+        stats_service_client::StatsServiceClient,
+    },
+};
+use clap::Parser;
+use deadpool_redis::redis;
+use tokio::sync::oneshot;
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+
+/// A redis-server of the test's own.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts redis-server on a free port and waits until it answers.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let mut server = Self { port, dir, child: None };
+        server.spawn().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A plain client for inspecting what the service wrote.
+    pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+
+    /// Kills the server (as a crash would) and waits for it to be gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.spawn().await;
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    async fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.log_path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (see .ci/run)");
+        self.child = Some(child);
+        for _ in 0..500 {
+            if let Ok(client) = redis::Client::open(self.url()) {
+                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
+                    if redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok() {
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("redis-server on port {} did not start", self.port);
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+            eprintln!("--- redis-server log (port {}) ---\n{log}", self.port);
+        }
+    }
+}
+
+/// The real service, in-process on a free port.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    pub prefix: String,
+    pub channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+static PREFIXES: AtomicUsize = AtomicUsize::new(0);
+
+impl TestServer {
+    /// Starts the service against `redis` with default configuration.
+    pub async fn start(redis: &RedisServer) -> Self {
+        Self::start_with(redis, &[]).await
+    }
+
+    /// Starts the service with extra flags, and waits until it is SERVING.
+    pub async fn start_with(redis: &RedisServer, flags: &[&str]) -> Self {
+        let server = Self::start_unchecked(redis, flags).await;
+        server.wait_for_health("", ServingStatus::Serving).await;
+        server
+    }
+
+    /// Starts the service without waiting for Redis.
+    pub async fn start_unchecked(redis: &RedisServer, flags: &[&str]) -> Self {
+        let prefix = format!("t{}x{}", std::process::id(), PREFIXES.fetch_add(1, Ordering::Relaxed));
+        let url = redis.url();
+        let mut args = vec!["cachecoord", "--redis-url", &url, "--key-prefix", &prefix, "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(flags);
+        let config = Config::try_parse_from(args).expect("test flags parse");
+        config.validate().expect("test flags valid");
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            cachecoord::server::run(config, listener, async {
+                let _ = stopped.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        let channel = Channel::from_shared(format!("http://{addr}")).expect("uri").connect_lazy();
+        Self { addr, prefix, channel, stop: Some(stop), task: Some(task) }
+    }
+
+    pub fn cache(&self) -> CacheServiceClient<Channel> {
+        CacheServiceClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
+    }
+    pub fn sessions(&self) -> SessionServiceClient<Channel> {
+        SessionServiceClient::new(self.channel.clone())
+    }
+    pub fn rate_limit(&self) -> RateLimitServiceClient<Channel> {
+        RateLimitServiceClient::new(self.channel.clone())
+    }
+    pub fn locks(&self) -> LockServiceClient<Channel> {
+        LockServiceClient::new(self.channel.clone())
+    }
+    pub fn stats(&self) -> StatsServiceClient<Channel> {
+        StatsServiceClient::new(self.channel.clone())
+    }
+    pub fn health(&self) -> HealthClient<Channel> {
+        HealthClient::new(self.channel.clone())
+    }
+
+    /// The health status of `service` ("" for overall).
+    pub async fn health_status(&self, service: &str) -> ServingStatus {
+        let request = HealthCheckRequest { service: service.to_string() };
+        match self.health().check(request).await {
+            Ok(response) => response.into_inner().status(),
+            Err(_) => ServingStatus::Unknown,
+        }
+    }
+
+    /// Waits (by watching the health stream) until `service` reports `want`;
+    /// returns how long that took. Panics after 10 s.
+    pub async fn wait_for_health(&self, service: &str, want: ServingStatus) -> Duration {
+        let started = std::time::Instant::now();
+        let watch = async {
+            loop {
+                let request = HealthCheckRequest { service: service.to_string() };
+                if let Ok(response) = self.health().watch(request).await {
+                    let mut stream = response.into_inner();
+                    while let Ok(Some(update)) = stream.message().await {
+                        if update.status() == want {
+                            return;
+                        }
+                    }
+                }
+                // The server is not listening yet; try again shortly.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), watch)
+            .await
+            .unwrap_or_else(|_| panic!("health of {service:?} never became {want:?}"));
+        started.elapsed()
+    }
+
+    /// Triggers shutdown and waits for `run` to return.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.expect("server task");
+        }
+    }
+
+    /// The Redis key the service uses for cache entry `key`.
+    pub fn cache_key(&self, key: &str) -> String {
+        format!("{}:c:{{{key}}}", self.prefix)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A protobuf Duration of `ms` milliseconds.
+pub fn ms(ms: u64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 })
+}
+
+/// Asserts a status is INVALID_ARGUMENT and its message starts with `field`.
+#[track_caller]
+pub fn assert_invalid<T: std::fmt::Debug>(result: Result<T, tonic::Status>, field: &str) {
+    let status = result.expect_err("expected INVALID_ARGUMENT");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with(field), "message {:?} should name {field:?}", status.message());
+}
