@@ -80,6 +80,8 @@ impl RedisServer {
     async fn spawn(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            // DEBUG SLEEP lets fault tests make Redis slow.
+            .args(["--enable-debug-command", "yes"])
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
@@ -140,6 +142,18 @@ impl TestServer {
     /// Starts the service without waiting for Redis.
     pub async fn start_unchecked(redis: &RedisServer, flags: &[&str]) -> Self {
         let prefix = format!("t{}x{}", std::process::id(), PREFIXES.fetch_add(1, Ordering::Relaxed));
+        Self::start_on(redis, &prefix, flags).await
+    }
+
+    /// A second instance sharing `other`'s Redis and key prefix.
+    pub async fn start_sibling(redis: &RedisServer, other: &TestServer) -> Self {
+        let server = Self::start_on(redis, &other.prefix, &[]).await;
+        server.wait_for_health("", ServingStatus::Serving).await;
+        server
+    }
+
+    async fn start_on(redis: &RedisServer, prefix: &str, flags: &[&str]) -> Self {
+        let prefix = prefix.to_string();
         let url = redis.url();
         let mut args = vec!["cachecoord", "--redis-url", &url, "--key-prefix", &prefix, "--listen", "127.0.0.1:0"];
         args.extend_from_slice(flags);
