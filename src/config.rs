@@ -103,9 +103,7 @@ impl Config {
         check(!self.redis_connect_timeout.is_zero(), "--redis-connect-timeout must be positive");
         check(!self.redis_timeout.is_zero(), "--redis-timeout must be positive");
         check(
-            !self.key_prefix.is_empty()
-                && self.key_prefix.len() <= 64
-                && !self.key_prefix.contains(['{', '}']),
+            !self.key_prefix.is_empty() && self.key_prefix.len() <= 64 && !self.key_prefix.contains(['{', '}']),
             "--key-prefix must be 1..64 bytes without '{' or '}'",
         );
         check(self.max_key_bytes > 0, "--max-key-bytes must be at least 1");
@@ -161,8 +159,7 @@ mod tests {
 
     #[test]
     fn every_bad_value_is_named_at_once() {
-        let config = parse(&["--redis-pool-size", "0", "--key-prefix", "a{b", "--max-batch", "0"])
-            .expect("parses");
+        let config = parse(&["--redis-pool-size", "0", "--key-prefix", "a{b", "--max-batch", "0"]).expect("parses");
         let err = config.validate().expect_err("invalid");
         assert!(err.contains("--redis-pool-size"), "{err}");
         assert!(err.contains("--key-prefix"), "{err}");

@@ -73,9 +73,7 @@ pub async fn run(
     let server = Server::builder()
         .layer(
             TraceLayer::new_for_grpc()
-                .make_span_with(|request: &http::Request<_>| {
-                    tracing::info_span!("rpc", method = %request.uri().path())
-                })
+                .make_span_with(|request: &http::Request<_>| tracing::info_span!("rpc", method = %request.uri().path()))
                 .on_request(())
                 .on_response(log_response)
                 .on_body_chunk(())

@@ -36,12 +36,8 @@ async fn set_then_get_round_trips_value_and_ttl() {
     let server = TestServer::start(&redis).await;
     let mut cache = server.cache();
 
-    let stored = cache
-        .set(SetRequest { ttl: ms(60_000), ..set("user:1", b"\x00\xffbytes") })
-        .await
-        .unwrap()
-        .into_inner()
-        .stored;
+    let stored =
+        cache.set(SetRequest { ttl: ms(60_000), ..set("user:1", b"\x00\xffbytes") }).await.unwrap().into_inner().stored;
     assert!(stored);
     let got = cache.get(get("user:1")).await.unwrap().into_inner();
     assert!(got.found);
@@ -142,10 +138,8 @@ async fn if_absent_admits_exactly_one_of_many_concurrent_writers() {
     let writers = (0..64).map(|i| {
         let mut cache = server.cache();
         tokio::spawn(async move {
-            let request = SetRequest {
-                condition: SetCondition::IfAbsent.into(),
-                ..set("race", format!("{i}").as_bytes())
-            };
+            let request =
+                SetRequest { condition: SetCondition::IfAbsent.into(), ..set("race", format!("{i}").as_bytes()) };
             cache.set(request).await.unwrap().into_inner().stored
         })
     });
@@ -241,7 +235,8 @@ async fn invalidate_tags_deletes_tagged_entries_once_each() {
     let redis = RedisServer::start().await;
     let server = TestServer::start(&redis).await;
     let mut cache = server.cache();
-    let tagged = |key: &str, tags: &[&str]| SetRequest { tags: tags.iter().map(|t| t.to_string()).collect(), ..set(key, b"v") };
+    let tagged =
+        |key: &str, tags: &[&str]| SetRequest { tags: tags.iter().map(|t| t.to_string()).collect(), ..set(key, b"v") };
     cache.set(tagged("u1", &["users", "team:a"])).await.unwrap();
     cache.set(tagged("u2", &["users"])).await.unwrap();
     cache.set(tagged("p1", &["posts"])).await.unwrap();
@@ -344,8 +339,14 @@ async fn default_limits_hold_at_and_past_the_boundary() {
     let keys_1000: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
     let mut keys_1001 = keys_1000.clone();
     keys_1001.push("one-more".into());
-    assert_eq!(cache.get_many(GetManyRequest { keys: keys_1000.clone() }).await.unwrap().into_inner().entries.len(), 1000);
-    assert_invalid(cache.get_many(GetManyRequest { keys: keys_1001.clone() }).await, "keys: must have at most 1000 items");
+    assert_eq!(
+        cache.get_many(GetManyRequest { keys: keys_1000.clone() }).await.unwrap().into_inner().entries.len(),
+        1000
+    );
+    assert_invalid(
+        cache.get_many(GetManyRequest { keys: keys_1001.clone() }).await,
+        "keys: must have at most 1000 items",
+    );
     assert!(cache.delete(DeleteRequest { keys: keys_1000.clone() }).await.is_ok());
     assert_invalid(cache.delete(DeleteRequest { keys: keys_1001.clone() }).await, "keys");
     assert!(cache.invalidate_tags(InvalidateTagsRequest { tags: keys_1000.clone() }).await.is_ok());
@@ -364,7 +365,18 @@ async fn default_limits_hold_at_and_past_the_boundary() {
 #[tokio::test]
 async fn configured_limits_apply() {
     let redis = RedisServer::start().await;
-    let flags = ["--max-key-bytes", "8", "--max-value-bytes", "16", "--max-batch", "2", "--max-ttl", "1m", "--cache-default-ttl", "30s"];
+    let flags = [
+        "--max-key-bytes",
+        "8",
+        "--max-value-bytes",
+        "16",
+        "--max-batch",
+        "2",
+        "--max-ttl",
+        "1m",
+        "--cache-default-ttl",
+        "30s",
+    ];
     let server = TestServer::start_with(&redis, &flags).await;
     let mut cache = server.cache();
     assert!(cache.set(set("12345678", &[0; 16])).await.is_ok());

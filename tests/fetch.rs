@@ -177,7 +177,8 @@ async fn a_set_wakes_the_waiters_with_the_new_value() {
     let lease = cache.fetch(fetch("k", 60_000, 0)).await.unwrap();
     assert_eq!(outcome(lease.get_ref()), FetchOutcome::Fill);
     let mut waiter_cache = server.cache();
-    let waiter = tokio::spawn(async move { waiter_cache.fetch(fetch("k", 60_000, 10_000)).await.unwrap().into_inner() });
+    let waiter =
+        tokio::spawn(async move { waiter_cache.fetch(fetch("k", 60_000, 10_000)).await.unwrap().into_inner() });
     wait_for_script_calls(&redis, 3).await;
     cache.set(SetRequest { key: "k".into(), value: b"direct".to_vec(), ..Default::default() }).await.unwrap();
     let response = waiter.await.unwrap();
@@ -228,5 +229,8 @@ async fn fetch_and_fill_check_their_input() {
     assert_invalid(cache.fetch(FetchRequest { max_wait: negative, ..fetch("k", 1_000, 0) }).await, "max_wait");
     assert_invalid(cache.fill(fill("k", "", b"v")).await, "fill_token");
     assert_invalid(cache.fill(fill("k", "t", &vec![0; (1 << 20) + 1])).await, "value");
-    assert_invalid(cache.abandon_fill(AbandonFillRequest { key: "k".into(), fill_token: String::new() }).await, "fill_token");
+    assert_invalid(
+        cache.abandon_fill(AbandonFillRequest { key: "k".into(), fill_token: String::new() }).await,
+        "fill_token",
+    );
 }

@@ -56,10 +56,12 @@ impl CacheService for CacheApi {
     async fn get(&self, request: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
         let request = request.into_inner();
         self.limits.key(|| "key".into(), &request.key)?;
-        let entry = self.store.get_many(std::slice::from_ref(&request.key)).await?.pop().unwrap_or(Entry {
-            value: None,
-            ttl: None,
-        });
+        let entry = self
+            .store
+            .get_many(std::slice::from_ref(&request.key))
+            .await?
+            .pop()
+            .unwrap_or(Entry { value: None, ttl: None });
         let (found, value, ttl) = entry_parts(entry);
         Ok(Response::new(proto::GetResponse { found, value, ttl }))
     }
@@ -146,7 +148,9 @@ impl CacheService for CacheApi {
             Fetched::Fill(fill_token) => {
                 proto::FetchResponse { outcome: proto::FetchOutcome::Fill.into(), fill_token, ..Default::default() }
             }
-            Fetched::Timeout => proto::FetchResponse { outcome: proto::FetchOutcome::Timeout.into(), ..Default::default() },
+            Fetched::Timeout => {
+                proto::FetchResponse { outcome: proto::FetchOutcome::Timeout.into(), ..Default::default() }
+            }
         };
         Ok(Response::new(response))
     }

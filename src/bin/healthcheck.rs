@@ -1,6 +1,7 @@
-//! `cachecoord-healthcheck [ADDR]`: exits 0 when the server at ADDR (default
-//! http://127.0.0.1:50051) reports SERVING over grpc.health.v1, 1 otherwise.
-//! For container health checks, where no other gRPC client is at hand.
+//! `cachecoord-healthcheck [ADDR]`: exits 0 when the server at ADDR reports
+//! SERVING over grpc.health.v1, 1 otherwise. ADDR defaults to
+//! http://127.0.0.1 on the port of `CACHECOORD_LISTEN` (else 50051), so the
+//! check follows the server's own setting inside a container.
 
 use std::{process::ExitCode, time::Duration};
 
@@ -9,9 +10,19 @@ use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus,
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
-    let addr = std::env::args().nth(1).unwrap_or_else(|| "http://127.0.0.1:50051".to_string());
+    let addr = std::env::args().nth(1).unwrap_or_else(|| {
+        let port = std::env::var("CACHECOORD_LISTEN")
+            .ok()
+            .and_then(|listen| listen.parse::<std::net::SocketAddr>().ok())
+            .map_or(50051, |listen| listen.port());
+        format!("http://127.0.0.1:{port}")
+    });
     let check = async {
-        let channel = Endpoint::from_shared(addr.clone()).map_err(|e| e.to_string())?.connect().await.map_err(|e| e.to_string())?;
+        let channel = Endpoint::from_shared(addr.clone())
+            .map_err(|e| e.to_string())?
+            .connect()
+            .await
+            .map_err(|e| e.to_string())?;
         let mut client = HealthClient::new(channel);
         let response = client.check(HealthCheckRequest { service: String::new() }).await.map_err(|e| e.to_string())?;
         Ok::<_, String>(response.into_inner().status())

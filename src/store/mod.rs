@@ -39,8 +39,8 @@ impl Redis {
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.redis_connect_timeout))
             .set_response_timeout(Some(config.redis_timeout));
-        let manager = Manager::new_with_config(config.redis_url.as_str(), connection)
-            .map_err(|e| format!("--redis-url: {e}"))?;
+        let manager =
+            Manager::new_with_config(config.redis_url.as_str(), connection).map_err(|e| format!("--redis-url: {e}"))?;
         let pool = Pool::builder(manager)
             .max_size(config.redis_pool_size)
             .wait_timeout(Some(config.redis_timeout))

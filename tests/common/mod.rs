@@ -92,12 +92,11 @@ impl RedisServer {
             .expect("redis-server must be installed (see .ci/run)");
         self.child = Some(child);
         for _ in 0..500 {
-            if let Ok(client) = redis::Client::open(self.url()) {
-                if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
-                    if redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok() {
-                        return;
-                    }
-                }
+            if let Ok(client) = redis::Client::open(self.url())
+                && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING").query_async::<String>(&mut conn).await.is_ok()
+            {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
