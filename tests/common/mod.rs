@@ -50,11 +50,13 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
-    /// A plain client for inspecting what the service wrote.
+    /// A plain client for inspecting what the service wrote (no reply
+    /// timeout: fault tests send commands that block Redis on purpose).
     pub async fn client(&self) -> redis::aio::MultiplexedConnection {
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
         redis::Client::open(self.url())
             .expect("redis url")
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await
             .expect("connect to test redis")
     }

@@ -1,0 +1,158 @@
+//! Redis going away, coming back, or stalling; and shutdown.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use cachecoord::proto::{FetchOutcome, FetchRequest, GetRequest, SetRequest};
+use common::{RedisServer, TestServer, ms};
+use deadpool_redis::redis;
+use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+
+/// Health must follow Redis within this long (SPEC §3).
+const HEALTH_FLIP: Duration = Duration::from_secs(2);
+
+fn get(key: &str) -> tonic::Request<GetRequest> {
+    // A generous client deadline: the service must answer well before it.
+    let mut request = tonic::Request::new(GetRequest { key: key.into() });
+    request.set_timeout(Duration::from_secs(5));
+    request
+}
+
+fn set(key: &str) -> SetRequest {
+    SetRequest { key: key.into(), value: b"v".to_vec(), ..Default::default() }
+}
+
+const SERVICES: [&str; 6] = [
+    "",
+    "cachecoord.v1.CacheService",
+    "cachecoord.v1.SessionService",
+    "cachecoord.v1.RateLimitService",
+    "cachecoord.v1.LockService",
+    "cachecoord.v1.StatsService",
+];
+
+#[tokio::test]
+async fn redis_outage_is_unavailable_flips_health_and_heals_itself() {
+    let mut redis = RedisServer::start().await;
+    let server = TestServer::start_with(&redis, &["--redis-timeout", "300ms"]).await;
+    let mut cache = server.cache();
+    cache.set(set("k")).await.unwrap();
+    for service in SERVICES {
+        assert_eq!(server.health_status(service).await, ServingStatus::Serving, "{service:?}");
+    }
+
+    redis.stop();
+    let stopped = Instant::now();
+    let status = cache.get(get("k")).await.expect_err("redis is down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(!status.message().contains("127.0.0.1"), "no internals leak: {:?}", status.message());
+    server.wait_for_health("", ServingStatus::NotServing).await;
+    let flipped = stopped.elapsed();
+    assert!(flipped < HEALTH_FLIP, "NOT_SERVING after {flipped:?}");
+    for service in SERVICES {
+        assert_eq!(server.health_status(service).await, ServingStatus::NotServing, "{service:?}");
+    }
+
+    redis.restart().await;
+    let restarted = Instant::now();
+    server.wait_for_health("", ServingStatus::Serving).await;
+    let healed = restarted.elapsed();
+    assert!(healed < HEALTH_FLIP, "SERVING after {healed:?}");
+    // Same service, no restart: requests work again (this Redis kept no data).
+    assert!(!cache.get(get("k")).await.unwrap().into_inner().found);
+    cache.set(set("k")).await.unwrap();
+    assert!(cache.get(get("k")).await.unwrap().into_inner().found);
+}
+
+#[tokio::test]
+async fn a_stalled_redis_times_out_as_unavailable() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start_with(&redis, &["--redis-timeout", "200ms"]).await;
+    let mut cache = server.cache();
+    cache.set(set("k")).await.unwrap();
+
+    // DEBUG SLEEP blocks the whole Redis for a while: a slow Redis, not a dead one.
+    let mut admin = redis.client().await;
+    let mut probe = redis.client().await;
+    let stall = tokio::spawn(async move {
+        let _: () = redis::cmd("DEBUG").arg("SLEEP").arg("1.5").query_async(&mut admin).await.unwrap();
+    });
+    // Wait until Redis is really stalled: a PING with a short deadline fails.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let ping = redis::cmd("PING");
+            if tokio::time::timeout(Duration::from_millis(50), ping.query_async::<String>(&mut probe)).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("redis never stalled");
+
+    let mut request = get("k");
+    request.set_timeout(Duration::from_secs(1)); // shorter than the stall
+    let status = cache.get(request).await.expect_err("redis is stalled");
+    assert_eq!(status.code(), Code::Unavailable, "answered by our timeout, not the caller's deadline: {status:?}");
+
+    stall.await.unwrap();
+    assert!(cache.get(get("k")).await.unwrap().into_inner().found);
+}
+
+#[tokio::test]
+async fn the_service_starts_without_redis_and_serves_once_it_appears() {
+    let mut redis = RedisServer::start().await;
+    redis.stop();
+    let server = TestServer::start_unchecked(&redis, &["--redis-timeout", "300ms"]).await;
+    server.wait_for_health("", ServingStatus::NotServing).await;
+    let status = server.cache().get(get("k")).await.expect_err("no redis yet");
+    assert_eq!(status.code(), Code::Unavailable);
+
+    redis.restart().await;
+    server.wait_for_health("", ServingStatus::Serving).await;
+    server.cache().set(set("k")).await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_reports_not_serving_and_lets_in_flight_rpcs_finish() {
+    let redis = RedisServer::start().await;
+    // A long grace: finishing well inside it shows the drain, not the grace timer, ended the run.
+    let server = TestServer::start_with(&redis, &["--shutdown-grace", "60s"]).await;
+    let mut health = server.health();
+    let mut updates = health.watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(updates.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+
+    // An RPC that is still waiting server-side when shutdown begins.
+    let mut cache = server.cache();
+    let lease = cache.fetch(FetchRequest { key: "k".into(), fill_timeout: ms(60_000), max_wait: ms(0) }).await;
+    assert_eq!(lease.unwrap().into_inner().outcome, i32::from(FetchOutcome::Fill));
+    let waiter = tokio::spawn(async move {
+        cache.fetch(FetchRequest { key: "k".into(), fill_timeout: ms(60_000), max_wait: ms(500) }).await
+    });
+    // Let the waiter's request reach the server before shutting down.
+    while !(server.health_status("").await == ServingStatus::Serving && waiter_started(&redis).await) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let shutdown = tokio::spawn(server.shutdown());
+    let status = updates.message().await.unwrap().unwrap().status();
+    assert_eq!(status, ServingStatus::NotServing, "health says NOT_SERVING as shutdown begins");
+    drop(updates); // a watch stream would otherwise hold the drain open until the grace ends
+    let answer = waiter.await.unwrap().expect("the in-flight RPC completes");
+    assert_eq!(answer.into_inner().outcome, i32::from(FetchOutcome::Timeout));
+    tokio::time::timeout(Duration::from_secs(30), shutdown).await.expect("drained before the grace ran out").unwrap();
+}
+
+/// True once the Fetch waiter has made its reads (lease found, registered).
+async fn waiter_started(redis: &RedisServer) -> bool {
+    let mut conn = redis.client().await;
+    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
+    info.lines()
+        .find(|line| line.starts_with("cmdstat_evalsha:"))
+        .and_then(|line| line.split("calls=").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .is_some_and(|calls| calls >= 3)
+}
