@@ -27,6 +27,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    // rediss:// needs a process-wide TLS crypto provider; installing twice
+    // (several servers in one test process) is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let redis = Redis::new(&config)?;
     let keys = Keys::new(&config.key_prefix);
     let limits = Limits::from_config(&config);

@@ -156,3 +156,26 @@ async fn waiter_started(redis: &RedisServer) -> bool {
         .and_then(|n| n.parse::<u64>().ok())
         .is_some_and(|calls| calls >= 3)
 }
+
+#[tokio::test]
+async fn password_and_database_number_in_the_url_are_used() {
+    let redis = common::RedisServer::start_with_password("s3cret").await;
+    let url = format!("redis://:s3cret@127.0.0.1:{}/3", redis.port);
+    let server = TestServer::start_with(&redis, &["--redis-url", &url]).await;
+    server.cache().set(set("k")).await.unwrap();
+    let mut conn = redis.client().await;
+    let _: () = redis::cmd("SELECT").arg(3).query_async(&mut conn).await.unwrap();
+    let exists: bool = redis::cmd("EXISTS").arg(server.cache_key("k")).query_async(&mut conn).await.unwrap();
+    assert!(exists, "written to database 3");
+}
+
+#[tokio::test]
+async fn a_wrong_password_is_unavailable_not_a_crash() {
+    let redis = common::RedisServer::start_with_password("s3cret").await;
+    let url = format!("redis://:wrong@127.0.0.1:{}", redis.port);
+    let server = TestServer::start_unchecked(&redis, &["--redis-url", &url]).await;
+    server.wait_for_health("", ServingStatus::NotServing).await;
+    let status = server.cache().get(get("k")).await.expect_err("cannot authenticate");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(!status.message().contains("wrong"), "{:?}", status.message());
+}

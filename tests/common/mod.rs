@@ -32,6 +32,10 @@ use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus,
 /// A redis-server of the test's own.
 pub struct RedisServer {
     pub port: u16,
+    /// Extra redis-server arguments, kept for restarts.
+    args: Vec<String>,
+    /// The password clients must give, if any.
+    password: Option<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -39,15 +43,28 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts redis-server on a free port and waits until it answers.
     pub async fn start() -> Self {
+        Self::start_with(&[], None).await
+    }
+
+    /// Starts redis-server that requires `password`.
+    pub async fn start_with_password(password: &str) -> Self {
+        Self::start_with(&["--requirepass", password], Some(password)).await
+    }
+
+    async fn start_with(args: &[&str], password: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
-        let mut server = Self { port, dir, child: None };
+        let args = args.iter().map(|a| a.to_string()).collect();
+        let mut server = Self { port, args, password: password.map(String::from), dir, child: None };
         server.spawn().await;
         server
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// A plain client for inspecting what the service wrote (no reply
@@ -84,6 +101,7 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             // DEBUG SLEEP lets fault tests make Redis slow.
             .args(["--enable-debug-command", "yes"])
+            .args(&self.args)
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")
@@ -156,7 +174,10 @@ impl TestServer {
     async fn start_on(redis: &RedisServer, prefix: &str, flags: &[&str]) -> Self {
         let prefix = prefix.to_string();
         let url = redis.url();
-        let mut args = vec!["cachecoord", "--redis-url", &url, "--key-prefix", &prefix, "--listen", "127.0.0.1:0"];
+        let mut args = vec!["cachecoord", "--key-prefix", &prefix, "--listen", "127.0.0.1:0"];
+        if !flags.contains(&"--redis-url") {
+            args.extend(["--redis-url", &url]);
+        }
         args.extend_from_slice(flags);
         let config = Config::try_parse_from(args).expect("test flags parse");
         config.validate().expect("test flags valid");
