@@ -5,7 +5,9 @@
 //! may retry; anything else is `Internal`. Neither carries Redis text to the
 //! client; the detail goes to the log.
 
-use deadpool_redis::{PoolError, redis::RedisError};
+use deadpool_redis::redis::RedisError;
+
+type PoolError = deadpool::managed::PoolError<RedisError>;
 use tonic::Status;
 
 /// Everything a request can fail with.

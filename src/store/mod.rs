@@ -10,9 +10,13 @@ mod fills;
 
 use std::{future::Future, time::Duration};
 
+use deadpool::managed::{self, Metrics, Object, RecycleResult};
 use deadpool_redis::{
-    Manager, Pool, Runtime,
-    redis::{self, AsyncConnectionConfig, FromRedisValue, ScriptInvocation},
+    Runtime,
+    redis::{
+        self, AsyncConnectionConfig, FromRedisValue, RedisError, RedisResult, ScriptInvocation,
+        aio::MultiplexedConnection,
+    },
 };
 
 use crate::{
@@ -25,7 +29,7 @@ use crate::{
 pub struct Redis {
     /// Multiplexed connections; several, so one slow reply does not queue
     /// every RPC behind it.
-    pool: Pool,
+    pool: managed::Pool<Manager>,
     /// A client for dedicated connections (pub/sub), which the pool cannot lend.
     client: redis::Client,
     /// Upper bound on one operation, checkout included.
@@ -39,9 +43,9 @@ impl Redis {
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.redis_connect_timeout))
             .set_response_timeout(Some(config.redis_timeout));
-        let manager =
-            Manager::new_with_config(config.redis_url.as_str(), connection).map_err(|e| format!("--redis-url: {e}"))?;
-        let pool = Pool::builder(manager)
+        let client = redis::Client::open(config.redis_url.as_str()).map_err(|e| format!("--redis-url: {e}"))?;
+        let manager = Manager { client: client.clone(), connection };
+        let pool = managed::Pool::builder(manager)
             .max_size(config.redis_pool_size)
             .wait_timeout(Some(config.redis_timeout))
             .create_timeout(Some(config.redis_connect_timeout))
@@ -49,7 +53,6 @@ impl Redis {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| format!("redis pool: {e}"))?;
-        let client = redis::Client::open(config.redis_url.as_str()).map_err(|e| format!("--redis-url: {e}"))?;
         Ok(Self { pool, client, timeout: config.redis_timeout })
     }
 
@@ -57,7 +60,8 @@ impl Redis {
     pub async fn invoke<T: FromRedisValue>(&self, script: &ScriptInvocation<'_>) -> Result<T> {
         self.bounded(async {
             let mut conn = self.pool.get().await?;
-            Ok(script.invoke_async(&mut conn).await?)
+            let result = script.invoke_async(&mut *conn).await;
+            Ok(discard_if_broken(conn, result)?)
         })
         .await
     }
@@ -66,7 +70,8 @@ impl Redis {
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
         self.bounded(async {
             let mut conn = self.pool.get().await?;
-            Ok(cmd.query_async(&mut conn).await?)
+            let result = cmd.query_async(&mut *conn).await;
+            Ok(discard_if_broken(conn, result)?)
         })
         .await
     }
@@ -75,7 +80,8 @@ impl Redis {
     pub async fn ping(&self, timeout: Duration) -> bool {
         let probe = async {
             let mut conn = self.pool.get().await?;
-            redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(Error::from)
+            let result = redis::cmd("PING").query_async::<String>(&mut *conn).await;
+            discard_if_broken(conn, result).map_err(Error::from)
         };
         matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(_)))
     }
@@ -90,4 +96,48 @@ impl Redis {
             .await
             .unwrap_or_else(|_| Err(Error::Unavailable(format!("no reply within {:?}", self.timeout))))
     }
+}
+
+/// Opens multiplexed connections for the pool.
+///
+/// Unlike deadpool-redis's manager, it does not PING on every checkout
+/// (that doubled the round trips of every RPC): a connection that has been
+/// used within [`IDLE_CHECK_AFTER`] is handed out as is, and one that turns
+/// out broken is dropped from the pool by [`discard_if_broken`].
+struct Manager {
+    /// Where to connect.
+    client: redis::Client,
+    /// Connect and response timeouts.
+    connection: AsyncConnectionConfig,
+}
+
+/// A connection idle for longer than this is PINGed before reuse.
+const IDLE_CHECK_AFTER: Duration = Duration::from_secs(1);
+
+impl managed::Manager for Manager {
+    type Type = MultiplexedConnection;
+    type Error = RedisError;
+
+    async fn create(&self) -> Result<MultiplexedConnection, RedisError> {
+        self.client.get_multiplexed_async_connection_with_config(&self.connection).await
+    }
+
+    async fn recycle(&self, conn: &mut MultiplexedConnection, metrics: &Metrics) -> RecycleResult<RedisError> {
+        if metrics.last_used() > IDLE_CHECK_AFTER {
+            redis::cmd("PING").query_async::<String>(conn).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Passes `result` through; if it shows the connection itself is broken
+/// (closed socket, protocol error), removes the connection from the pool so
+/// the next checkout opens a fresh one.
+fn discard_if_broken<T>(conn: Object<Manager>, result: RedisResult<T>) -> RedisResult<T> {
+    if let Err(err) = &result
+        && (err.is_io_error() || err.is_connection_dropped() || err.is_unrecoverable_error())
+    {
+        let _ = Object::take(conn);
+    }
+    result
 }
