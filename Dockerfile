@@ -73,10 +73,9 @@ USER 65532:65532
 # CACHECOORD_SHUTDOWN_GRACE (10s by default); give the container longer.
 STOPSIGNAL SIGTERM
 
-# Exec form: distroless has no shell. The probe asks http://127.0.0.1:50051,
-# so if CACHECOORD_LISTEN moves to another port, override this HEALTHCHECK
-# (e.g. in compose: ["CMD", "/usr/local/bin/cachecoord-healthcheck", "http://127.0.0.1:PORT"]).
-# The probe gives up by itself after 3s.
+# Exec form: distroless has no shell. The probe asks 127.0.0.1 on the port of
+# CACHECOORD_LISTEN (so it follows a changed port) over grpc.health.v1, and
+# gives up by itself after 3s.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["/usr/local/bin/cachecoord-healthcheck"]
 
