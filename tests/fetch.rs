@@ -234,3 +234,42 @@ async fn fetch_and_fill_check_their_input() {
         "fill_token",
     );
 }
+
+#[tokio::test]
+async fn a_fetch_cancelled_while_redis_is_busy_leaves_no_lease_behind() {
+    let redis = RedisServer::start().await;
+    // A Redis timeout longer than the stall: the fetch script stays in flight
+    // until the caller's deadline cancels the RPC.
+    let server = TestServer::start_with(&redis, &["--redis-timeout", "5s"]).await;
+    let mut cache = server.cache();
+    // Load the scripts, as a running service has (else the stalled call fails
+    // with NOSCRIPT and never runs).
+    cache.fetch(fetch("warm-up", 1_000, 0)).await.unwrap();
+    let mut admin = redis.client().await;
+    let mut probe = redis.client().await;
+    let stall = tokio::spawn(async move {
+        let _: () = redis::cmd("DEBUG").arg("SLEEP").arg("0.5").query_async(&mut admin).await.unwrap();
+    });
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let ping = redis::cmd("PING");
+            if tokio::time::timeout(Duration::from_millis(50), ping.query_async::<String>(&mut probe)).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("redis never stalled");
+
+    let mut request = tonic::Request::new(fetch("k", 60_000, 0));
+    request.set_timeout(Duration::from_millis(100));
+    let status = cache.fetch(request).await.expect_err("cancelled by its deadline");
+    assert!(matches!(status.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled), "{status:?}");
+    stall.await.unwrap();
+
+    // Once Redis has run the queued script, the lease it granted to nobody is
+    // handed back right behind it: the next caller gets the lease, not a wait.
+    let next = cache.fetch(fetch("k", 60_000, 0)).await.unwrap().into_inner();
+    assert_eq!(outcome(&next), FetchOutcome::Fill);
+}

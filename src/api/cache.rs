@@ -1,6 +1,6 @@
 //! `cachecoord.v1.CacheService`.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use tonic::{Request, Response, Status};
 
@@ -12,7 +12,8 @@ use crate::{
 
 /// Cache RPC handlers.
 pub struct CacheApi {
-    store: CacheStore,
+    /// Shared with the lease guards of in-flight Fetch calls.
+    store: Arc<CacheStore>,
     limits: Limits,
     /// TTL of entries written without one.
     default_ttl: Duration,
@@ -23,7 +24,7 @@ pub struct CacheApi {
 impl CacheApi {
     /// Handlers over `store`.
     pub fn new(store: CacheStore, limits: Limits, default_ttl: Duration, default_fill_timeout: Duration) -> Self {
-        Self { store, limits, default_ttl, default_fill_timeout }
+        Self { store: Arc::new(store), limits, default_ttl, default_fill_timeout }
     }
 
     /// Checks one entry to write; `field` prefixes the names (`items[2].`).

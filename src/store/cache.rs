@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use deadpool_redis::redis::{Script, Value};
 use tokio::time::Instant;
 
-use super::{Redis, fills::FillWaiters};
+use super::{Pinned, Redis, fills::FillWaiters};
 use crate::{
     error::{Error, Result},
     keys::Keys,
@@ -180,7 +180,7 @@ impl CacheStore {
 
     /// The stampede-safe read: a hit, the fill lease, or, after waiting up to
     /// `max_wait` for another caller's fill, whatever that produced.
-    pub async fn fetch(&self, key: &str, fill_timeout: Duration, max_wait: Duration) -> Result<Fetched> {
+    pub async fn fetch(self: &Arc<Self>, key: &str, fill_timeout: Duration, max_wait: Duration) -> Result<Fetched> {
         let entry_key = self.keys.cache_entry(key);
         let lease_key = self.keys.cache_lease(key);
         match self.try_fetch(&entry_key, &lease_key, fill_timeout).await? {
@@ -210,19 +210,33 @@ impl CacheStore {
         }
     }
 
-    async fn try_fetch(&self, entry_key: &str, lease_key: &str, fill_timeout: Duration) -> Result<Attempt> {
+    async fn try_fetch(self: &Arc<Self>, entry_key: &str, lease_key: &str, fill_timeout: Duration) -> Result<Attempt> {
         let token = format!("{:032x}", rand::random::<u128>());
+        // Should this call be cancelled while the script is under way, the
+        // script may still grant the lease to a caller who will never fill:
+        // the guard hands it back.
+        // The hand-back goes over the same connection, so Redis runs it after
+        // the fetch script, never before.
+        let mut conn = self.redis.pinned().await?;
+        let mut guard = LeaseGuard {
+            store: Some(Arc::clone(self)),
+            conn: conn.clone(),
+            entry_key: entry_key.to_string(),
+            lease_key: lease_key.to_string(),
+            token,
+        };
         let mut call = self.scripts.fetch.prepare_invoke();
-        call.key(entry_key).key(lease_key).arg(&token).arg(millis(fill_timeout));
-        let reply: Vec<Value> = self.redis.invoke(&call).await?;
-        let unexpected = || Error::Internal(format!("fetch returned {reply:?}"));
+        call.key(entry_key).key(lease_key).arg(&guard.token).arg(millis(fill_timeout));
+        let reply = conn.invoke::<Vec<Value>>(&call).await;
+        guard.store = None;
+        let reply = reply?;
         match reply.as_slice() {
             [Value::Int(1), Value::BulkString(value), Value::Int(pttl)] => {
                 Ok(Attempt::Done(Fetched::Hit(entry(Some(value.clone()), *pttl))))
             }
-            [Value::Int(2)] => Ok(Attempt::Done(Fetched::Fill(token))),
+            [Value::Int(2)] => Ok(Attempt::Done(Fetched::Fill(std::mem::take(&mut guard.token)))),
             [Value::Int(3), Value::Int(pttl)] => Ok(Attempt::Leased(Duration::from_millis((*pttl).max(0) as u64))),
-            _ => Err(unexpected()),
+            _ => Err(Error::Internal(format!("fetch returned {reply:?}"))),
         }
     }
 
@@ -239,8 +253,7 @@ impl CacheStore {
     /// Releases a fill lease without a value; false when it is not current.
     pub async fn abandon_fill(&self, key: &str, token: &str) -> Result<bool> {
         let mut call = self.scripts.abandon_fill.prepare_invoke();
-        call.key(self.keys.cache_entry(key)).key(self.keys.cache_lease(key));
-        call.arg(&self.channel).arg(token);
+        call.key(self.keys.cache_entry(key)).key(self.keys.cache_lease(key)).arg(&self.channel).arg(token);
         let released: i64 = self.redis.invoke(&call).await?;
         Ok(released == 1)
     }
@@ -260,6 +273,36 @@ impl CacheStore {
         for tag in tags {
             call.key(self.keys.cache_tag(tag));
         }
+    }
+}
+
+/// Hands back the lease a cancelled Fetch attempt may have taken. Harmless
+/// when it took none: the abandon script only deletes a lease holding `token`.
+struct LeaseGuard {
+    /// Set while the attempt's outcome is unknown to its caller.
+    store: Option<Arc<CacheStore>>,
+    /// The connection the fetch script went out on.
+    conn: Pinned,
+    entry_key: String,
+    lease_key: String,
+    token: String,
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let (Some(store), Ok(runtime)) = (self.store.take(), tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let (entry_key, lease_key) = (std::mem::take(&mut self.entry_key), std::mem::take(&mut self.lease_key));
+        let token = std::mem::take(&mut self.token);
+        let mut conn = self.conn.clone();
+        runtime.spawn(async move {
+            let mut call = store.scripts.abandon_fill.prepare_invoke();
+            call.key(&entry_key).key(&lease_key).arg(&store.channel).arg(&token);
+            if let Err(err) = conn.invoke::<i64>(&call).await {
+                tracing::debug!(%err, "could not hand back the lease of a cancelled fetch");
+            }
+        });
     }
 }
 

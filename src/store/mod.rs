@@ -86,6 +86,13 @@ impl Redis {
         matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(_)))
     }
 
+    /// One pooled connection to keep using, for calls that must reach Redis
+    /// in the order they were sent (a follow-up to a call that was cut short).
+    pub async fn pinned(&self) -> Result<Pinned> {
+        let conn = self.bounded(async { Ok(self.pool.get().await?) }).await?;
+        Ok(Pinned { conn: (*conn).clone(), timeout: self.timeout })
+    }
+
     /// A dedicated pub/sub connection, opened within the timeout.
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub> {
         self.bounded(async { Ok(self.client.get_async_pubsub().await?) }).await
@@ -95,6 +102,26 @@ impl Redis {
         tokio::time::timeout(self.timeout, op)
             .await
             .unwrap_or_else(|_| Err(Error::Unavailable(format!("no reply within {:?}", self.timeout))))
+    }
+}
+
+/// A connection lent by [`Redis::pinned`]: commands sent through it (and its
+/// clones) run in Redis in the order they were sent.
+#[derive(Clone)]
+pub struct Pinned {
+    /// A clone of the pooled connection; it shares that connection's socket.
+    conn: MultiplexedConnection,
+    /// Upper bound on one operation.
+    timeout: Duration,
+}
+
+impl Pinned {
+    /// Runs a script, bounded like [`Redis::invoke`].
+    pub async fn invoke<T: FromRedisValue>(&mut self, script: &ScriptInvocation<'_>) -> Result<T> {
+        match tokio::time::timeout(self.timeout, script.invoke_async(&mut self.conn)).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(Error::Unavailable(format!("no reply within {:?}", self.timeout))),
+        }
     }
 }
 
