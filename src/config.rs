@@ -24,7 +24,7 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Redis URL: redis://[:password@]host:port[/db], or rediss:// for TLS.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
 
     /// Most Redis connections held open at once (each is multiplexed).

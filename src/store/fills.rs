@@ -64,7 +64,8 @@ impl FillWaiters {
             loop {
                 match redis.pubsub().await {
                     Ok(mut pubsub) => {
-                        if pubsub.subscribe(&channel).await.is_ok() {
+                        let subscribed = tokio::time::timeout(Duration::from_secs(2), pubsub.subscribe(&channel)).await;
+                        if matches!(subscribed, Ok(Ok(()))) {
                             self.wake_all();
                             let mut messages = pubsub.on_message();
                             while let Some(message) = messages.next().await {
