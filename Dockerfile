@@ -9,10 +9,9 @@
 # distroless (glibc, no shell, non-root) bookworm image runs them. Keep the two
 # on the same Debian release so the binaries' glibc matches the runtime's.
 #
-# Only Cargo.toml, Cargo.lock, build.rs, proto/ and src/ are copied in (see
-# .dockerignore). If Cargo.toml ever gains a [workspace] with other members
-# (e.g. bench/), their manifests must be copied here too, or cargo cannot load
-# the workspace.
+# Only Cargo.toml, Cargo.lock, build.rs, proto/, src/ and the manifest of the
+# bench/ workspace member are copied in (see .dockerignore); the bench is not
+# built, but cargo needs its manifest (and a stub source) to load the workspace.
 
 ARG RUST_VERSION=1.95
 
@@ -28,7 +27,9 @@ WORKDIR /src
 #    build-dependencies, tonic-prost-build and protoc-bin-vendored, are still
 #    compiled here). protoc comes from protoc-bin-vendored: nothing to install.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src/bin \
+COPY bench/Cargo.toml ./bench/
+RUN mkdir -p src/bin bench/src \
+    && echo 'fn main() {}' > bench/src/main.rs \
     && echo 'fn main() {}' > build.rs \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > src/bin/healthcheck.rs \

@@ -1,0 +1,322 @@
+//! `cachecoord-bench`: how close the service comes to the two costs it cannot
+//! avoid, one gRPC exchange and one Redis round trip.
+//!
+//! It starts its own redis-server and the service (this same binary in `serve`
+//! mode, so the service has a process of its own), then runs closed-loop
+//! clients against three kinds of target, interleaved in one run:
+//! - the service's RPCs;
+//! - the gRPC floor: `grpc.health.v1.Health/Check` on the same server;
+//! - the Redis floor: the same Redis work (same scripts) sent directly.
+//!
+//! It prints a markdown table and writes it to `BENCHMARKS.md`.
+
+mod targets;
+
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use clap::{Parser, Subcommand};
+use hdrhistogram::Histogram;
+use targets::{Clients, Target};
+
+#[derive(Parser)]
+#[command(name = "cachecoord-bench", about)]
+struct Args {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    /// How long each target runs at each concurrency.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Warm-up before each measurement.
+    #[arg(long, default_value = "300ms", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Concurrent callers, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    callers: Vec<usize>,
+    /// HTTP/2 connections to the service (and Redis connections for the floor).
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Where to write the report; `-` for none.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: String,
+    /// A short smoke run (CI): 200 ms per point, callers 1 and 4, no report.
+    #[arg(long)]
+    quick: bool,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Run the service (used by the benchmark itself, in a child process).
+    Serve {
+        /// cachecoord flags.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        flags: Vec<String>,
+    },
+}
+
+/// One measured point.
+struct Point {
+    target: &'static str,
+    callers: usize,
+    calls: u64,
+    elapsed: Duration,
+    latency: Histogram<u64>,
+}
+
+impl Point {
+    fn rate(&self) -> f64 {
+        self.calls as f64 / self.elapsed.as_secs_f64()
+    }
+    fn p(&self, q: f64) -> f64 {
+        self.latency.value_at_quantile(q) as f64 / 1000.0
+    }
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = Args::parse();
+    if let Some(Mode::Serve { flags }) = args.mode.take() {
+        return serve(flags);
+    }
+    if args.quick {
+        args.duration = Duration::from_millis(200);
+        args.warmup = Duration::from_millis(50);
+        args.callers = vec![1, 4];
+        args.out = "-".into();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(run(args))
+}
+
+/// The service, in this process, until SIGTERM.
+fn serve(flags: Vec<String>) -> Result<(), Box<dyn std::error::Error>> {
+    use clap::Parser as _;
+    let config = cachecoord::config::Config::try_parse_from(std::iter::once("cachecoord".to_string()).chain(flags))?;
+    config.validate()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(config.listen).await?;
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        cachecoord::server::run(config, listener, shutdown).await.map_err(|e| e.to_string())?;
+        Ok(())
+    })
+}
+
+/// A child process killed on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let redis_port = free_port()?;
+    let _redis = Process(
+        Command::new("redis-server")
+            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .spawn()?,
+    );
+    let redis_url = format!("redis://127.0.0.1:{redis_port}");
+    let grpc_port = free_port()?;
+    let service = Process(
+        Command::new(std::env::current_exe()?)
+            .args(["serve", "--listen", &format!("127.0.0.1:{grpc_port}"), "--redis-url", &redis_url])
+            .args(["--key-prefix", "bench"])
+            .env("RUST_LOG", "warn")
+            .spawn()?,
+    );
+    let clients = Arc::new(Clients::connect(grpc_port, &redis_url, args.connections).await?);
+    clients.prepare().await?;
+
+    let mut points = Vec::new();
+    for &callers in &args.callers {
+        for target in Target::ALL {
+            if !clients.available(*target).await {
+                continue;
+            }
+            let point = measure(&clients, *target, callers, args.warmup, args.duration).await?;
+            eprintln!(
+                "{:<28} callers {:>3}: {:>9.0}/s  p50 {:>7.3} ms  p99 {:>7.3} ms",
+                point.target,
+                callers,
+                point.rate(),
+                point.p(0.5),
+                point.p(0.99)
+            );
+            points.push(point);
+        }
+    }
+    let handoff = targets::lock_handoff(&clients, if args.quick { 20 } else { 200 }).await?;
+    let rss = in_flight_rss(&clients, service.0.id()).await?;
+    let report = report(&args, &points, handoff, rss);
+    println!("{report}");
+    if args.out != "-" {
+        std::fs::write(PathBuf::from(&args.out), report)?;
+        eprintln!("wrote {}", args.out);
+    }
+    Ok(())
+}
+
+/// Runs `callers` closed-loop tasks on `target` and merges their histograms.
+async fn measure(
+    clients: &Arc<Clients>,
+    target: Target,
+    callers: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<Point, Box<dyn std::error::Error>> {
+    let start = Instant::now() + warmup;
+    let end = start + duration;
+    let tasks: Vec<_> = (0..callers)
+        .map(|caller| {
+            let clients = Arc::clone(clients);
+            tokio::spawn(async move {
+                let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+                let mut calls = 0u64;
+                let mut worker = clients.worker(target, caller);
+                loop {
+                    let sent = Instant::now();
+                    if sent >= end {
+                        break;
+                    }
+                    worker.call().await?;
+                    if sent >= start {
+                        let _ = latency.record(sent.elapsed().as_micros() as u64);
+                        calls += 1;
+                    }
+                }
+                Ok::<_, String>((calls, latency))
+            })
+        })
+        .collect();
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut calls = 0;
+    for task in tasks {
+        let (n, h) = task.await??;
+        calls += n;
+        latency.add(h)?;
+    }
+    Ok(Point { target: target.name(), callers, calls, elapsed: duration, latency })
+}
+
+/// Peak RSS (VmHWM) of the service after 1,000 concurrent calls.
+async fn in_flight_rss(clients: &Arc<Clients>, pid: u32) -> Result<Option<u64>, Box<dyn std::error::Error>> {
+    measure(clients, Target::CacheGet, 1000, Duration::ZERO, Duration::from_secs(1)).await?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    Ok(status
+        .lines()
+        .find(|line| line.starts_with("VmHWM:"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<u64>().ok()))
+}
+
+fn find<'a>(points: &'a [Point], target: &str, callers: usize) -> Option<&'a Point> {
+    points.iter().find(|p| p.target == target && p.callers == callers)
+}
+
+fn report(args: &Args, points: &[Point], handoff: Option<(f64, f64)>, rss_kb: Option<u64>) -> String {
+    let mut out = String::new();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_string()))
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map_or("unknown".to_string(), |kb| format!("{:.0} GiB", kb as f64 / 1024.0 / 1024.0));
+    let _ = writeln!(out, "# Benchmarks\n");
+    let _ = writeln!(
+        out,
+        "Run {} on {cores} cores, {memory}; load generator, service and Redis share the machine.\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+    );
+    let _ = writeln!(
+        out,
+        "Command: `cargo run --release -p cachecoord-bench -- --duration {} --callers {} --connections {}`\n",
+        humantime::format_duration(args.duration),
+        args.callers.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(","),
+        args.connections
+    );
+    let _ = writeln!(out, "| target | callers | calls/s | p50 ms | p99 ms | ÷ echo | ÷ direct | glue overhead |");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|");
+    for point in points {
+        let (mut vs_echo, mut vs_direct, mut glue) = (String::new(), String::new(), String::new());
+        if let Some(direct) = Target::from_name(point.target).and_then(Target::direct) {
+            let echo = find(points, Target::Echo.name(), point.callers);
+            let direct = find(points, direct.name(), point.callers);
+            if let (Some(echo), Some(direct)) = (echo, direct) {
+                vs_echo = format!("{:.2}", point.rate() / echo.rate());
+                vs_direct = format!("{:.2}", point.rate() / direct.rate());
+                let overhead = (1.0 / point.rate()) / (1.0 / echo.rate() + 1.0 / direct.rate()) - 1.0;
+                glue = format!("{:+.0}%", overhead * 100.0);
+            }
+        }
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {vs_echo} | {vs_direct} | {glue} |",
+            point.target,
+            point.callers,
+            point.rate(),
+            point.p(0.5),
+            point.p(0.99)
+        );
+    }
+    let _ = writeln!(out, "\nglue overhead = (1/R_svc) / (1/R_echo + 1/R_direct) − 1, per concurrency.\n");
+    let _ = writeln!(out, "## Derived\n");
+    for &callers in &args.callers {
+        if let (Some(get), Some(many)) =
+            (find(points, Target::CacheGet.name(), callers), find(points, Target::CacheGetMany.name(), callers))
+        {
+            let _ = writeln!(
+                out,
+                "- {callers} callers: GetMany(100) moves {:.0} keys/s vs Get {:.0} keys/s ({:.1}×)",
+                many.rate() * 100.0,
+                get.rate(),
+                many.rate() * 100.0 / get.rate()
+            );
+        }
+    }
+    if let (Some(get), Some(echo), Some(direct)) = (
+        find(points, Target::CacheGet.name(), 1),
+        find(points, Target::Echo.name(), 1),
+        find(points, Target::DirectGet.name(), 1),
+    ) {
+        let _ = writeln!(
+            out,
+            "- 1 caller: Cache.Get p50 {:.3} ms vs echo p50 + direct p50 = {:.3} ms ({:.2}×)",
+            get.p(0.5),
+            echo.p(0.5) + direct.p(0.5),
+            get.p(0.5) / (echo.p(0.5) + direct.p(0.5))
+        );
+    }
+    match handoff {
+        Some((p50, p99)) => {
+            let _ = writeln!(
+                out,
+                "- lock hand-off (waiter blocked in Acquire, woken by Release): p50 {p50:.3} ms, p99 {p99:.3} ms"
+            );
+        }
+        None => {
+            let _ = writeln!(out, "- lock hand-off: LockService not implemented in this build");
+        }
+    }
+    if let Some(kb) = rss_kb {
+        let _ = writeln!(out, "- service peak RSS with 1,000 calls in flight: {:.1} MB", kb as f64 / 1024.0);
+    }
+    out
+}
