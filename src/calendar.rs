@@ -211,7 +211,10 @@ mod tests {
         assert_eq!(shanghai.bucket_start(Granularity::Hour, at), Ok(ms("2026-03-01T16:00:00Z")));
         assert_eq!(shanghai.bucket_start(Granularity::Minute, at), Ok(at));
         // 15:59:59.999 UTC is still the previous local day.
-        assert_eq!(shanghai.bucket_start(Granularity::Day, ms("2026-03-01T15:59:59.999Z")), Ok(ms("2026-02-28T16:00:00Z")));
+        assert_eq!(
+            shanghai.bucket_start(Granularity::Day, ms("2026-03-01T15:59:59.999Z")),
+            Ok(ms("2026-02-28T16:00:00Z"))
+        );
         // In UTC the same instant is in March 1st.
         assert_eq!(calendar("UTC").bucket_start(Granularity::Day, at), Ok(ms("2026-03-01T00:00:00Z")));
     }
@@ -274,7 +277,10 @@ mod tests {
                     assert_eq!(Ok(start), calendar.bucket_start(g, t), "{zone} {g:?} at {t}");
                 }
                 let (_, day_end) = table.pick(Granularity::Day, t).unwrap();
-                assert_eq!(Ok(day_end), calendar.next_start(Granularity::Day, calendar.bucket_start(Granularity::Day, t).unwrap()));
+                assert_eq!(
+                    Ok(day_end),
+                    calendar.next_start(Granularity::Day, calendar.bucket_start(Granularity::Day, t).unwrap())
+                );
                 t += 7 * MINUTE_MS;
             }
             assert_eq!(table.pick(Granularity::Day, first - 1), None);
@@ -285,7 +291,10 @@ mod tests {
     #[test]
     fn clock_table_lists_transitions() {
         let table = calendar("America/New_York").clock_table(ms("2026-03-08T12:00:00Z")).unwrap();
-        assert_eq!(table.offsets, vec![(ms("2026-03-07T05:00:00Z"), -5 * HOUR_MS), (ms("2026-03-08T07:00:00Z"), -4 * HOUR_MS)]);
+        assert_eq!(
+            table.offsets,
+            vec![(ms("2026-03-07T05:00:00Z"), -5 * HOUR_MS), (ms("2026-03-08T07:00:00Z"), -4 * HOUR_MS)]
+        );
         let table = calendar("UTC").clock_table(ms("2026-03-08T12:00:00Z")).unwrap();
         assert_eq!(table.offsets, vec![(ms("2026-03-07T00:00:00Z"), 0)]);
     }
