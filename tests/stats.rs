@@ -307,6 +307,25 @@ async fn totals_read_in_order_and_zero_amounts_only_read() {
 }
 
 #[tokio::test]
+async fn an_overflowing_total_rejects_the_whole_increment() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut stats = server.stats();
+    stats.increment(IncrementRequest { deltas: vec![delta("big", i64::MAX - 1)] }).await.unwrap();
+    let deltas = vec![delta("a", 5), delta("m", i64::MIN), delta("big", 1), delta("big", 1)];
+    assert_invalid(stats.increment(IncrementRequest { deltas }).await, "deltas[3].amount");
+    // The earlier deltas were undone and no bucket was touched.
+    let names = vec!["a".to_string(), "m".to_string(), "big".to_string()];
+    let totals = stats.get_totals(GetTotalsRequest { names }).await.unwrap().into_inner().values;
+    assert_eq!(totals, vec![0, 0, i64::MAX - 1]);
+    assert!(keys(&redis, &server, "st:{a}:[mhd]:*").await.is_empty());
+    assert!(keys(&redis, &server, "st:{m}:[mhd]:*").await.is_empty());
+    // Totals near the int64 limits are exact (no floating point on the way).
+    let values = stats.increment(IncrementRequest { deltas: vec![delta("big", 1)] }).await.unwrap().into_inner().values;
+    assert_eq!(values, vec![i64::MAX]);
+}
+
+#[tokio::test]
 async fn count_active_counts_the_window_and_trims_the_rest() {
     let redis = RedisServer::start().await;
     let server = TestServer::start(&redis).await;

@@ -68,7 +68,9 @@ impl StatsStore {
     }
 
     /// Adds each `(name, amount)` to its counter's current buckets and total;
-    /// returns the totals right after each, in order. One round trip.
+    /// returns the totals right after each, in order. One round trip. A delta
+    /// that would overflow a total is an invalid argument, and then nothing
+    /// is written.
     pub async fn increment(&self, deltas: &[(&str, i64)]) -> Result<Vec<i64>> {
         if deltas.is_empty() {
             return Ok(Vec::new());
@@ -79,15 +81,27 @@ impl StatsStore {
         for (name, amount) in deltas {
             call.key(self.keys.stats_counter(name)).arg(amount);
         }
-        let totals: Vec<i64> = self.redis.invoke(&call).await?;
-        if totals.len() != deltas.len() {
+        let reply: Vec<String> = self.redis.invoke(&call).await?;
+        if let [flag, k] = reply.as_slice()
+            && flag == "overflow"
+        {
+            let i = k.parse::<usize>().map_err(|e| Error::Internal(format!("increment overflow index {k}: {e}")))?;
+            return Err(Error::invalid(
+                format!("deltas[{}].amount", i.saturating_sub(1)),
+                "would take the total outside the int64 range",
+            ));
+        }
+        if reply.len() != deltas.len() {
             return Err(Error::Internal(format!(
                 "increment returned {} totals for {} deltas",
-                totals.len(),
+                reply.len(),
                 deltas.len()
             )));
         }
-        Ok(totals)
+        reply
+            .iter()
+            .map(|total| total.parse().map_err(|e| Error::Internal(format!("increment total {total}: {e}"))))
+            .collect()
     }
 
     /// The values of counter `name`'s buckets starting at `starts` (zero when
