@@ -118,7 +118,9 @@ async fn one_increment_of_100_deltas_is_one_round_trip_updating_every_bucket() {
     let deltas: Vec<Delta> = (0..100).map(|i| delta(&format!("api:/e{}", i % 10), i / 10 + 1)).collect();
     let before = command_calls(&redis).await;
     let t0 = redis_now(&redis).await;
+    let started = std::time::Instant::now();
     let values = stats.increment(IncrementRequest { deltas }).await.unwrap().into_inner().values;
+    println!("Increment of 100 deltas: {:?}", started.elapsed());
     let t1 = redis_now(&redis).await;
     let after = command_calls(&redis).await;
 
@@ -242,7 +244,9 @@ async fn get_series_spans_at_most_the_configured_buckets() {
     let server = TestServer::start(&redis).await;
     let mut stats = server.stats();
     let t = 1_780_000_000_000 - 1_780_000_000_000 % HOUR; // An hour boundary.
+    let started = std::time::Instant::now();
     let got = stats.get_series(series("n", Granularity::Minute, t, t + 999 * MINUTE)).await.unwrap().into_inner();
+    println!("GetSeries of 1,000 minute buckets: {:?}", started.elapsed());
     assert_eq!(got.buckets.len(), 1000);
     assert_invalid(stats.get_series(series("n", Granularity::Minute, t, t + 1000 * MINUTE)).await, "end");
     let got = stats.get_series(series("n", Granularity::Day, t, t + 999 * DAY)).await.unwrap().into_inner();
@@ -427,6 +431,37 @@ async fn count_unique_is_the_union_of_days_within_2_percent() {
     assert!(!added.into_inner().added);
     let added = stats.add_unique(AddUniqueRequest { name: "visitors".into(), members: vec!["new".into()] }).await;
     assert!(added.unwrap().into_inner().added);
+}
+
+#[tokio::test]
+async fn redis_down_is_unavailable_and_recovers() {
+    let mut redis = RedisServer::start().await;
+    let server = TestServer::start_with(&redis, &["--redis-timeout", "300ms"]).await;
+    let mut stats = server.stats();
+    stats.increment(IncrementRequest { deltas: vec![delta("n", 1)] }).await.unwrap();
+    redis.stop();
+    let now = 1_780_000_000_000;
+    let status = stats.increment(IncrementRequest { deltas: vec![delta("n", 1)] }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let status = stats.get_series(series("n", Granularity::Hour, now, now)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    let status = stats.count_active(CountActiveRequest { group: "g".into(), window: ms(1000) }).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(!status.message().contains("127.0.0.1"), "no internals: {status:?}");
+
+    redis.restart().await;
+    // A fresh Redis: the service reloads its scripts and counts from zero.
+    let values = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            if let Ok(response) = stats.increment(IncrementRequest { deltas: vec![delta("n", 1)] }).await {
+                return response.into_inner().values;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("recovers after Redis restarts");
+    assert_eq!(values, vec![1]);
 }
 
 #[tokio::test]
