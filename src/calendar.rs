@@ -270,6 +270,7 @@ mod tests {
             let table = calendar.clock_table(ms(now)).unwrap();
             assert_eq!(table.day_starts.len(), 5);
             let (first, last) = (table.day_starts[0], table.day_starts[4]);
+            let hours = calendar.buckets(Granularity::Hour, first, last, 1000).unwrap();
             let mut t = first;
             while t < last {
                 for g in [Granularity::Minute, Granularity::Hour, Granularity::Day] {
@@ -281,6 +282,8 @@ mod tests {
                     Ok(day_end),
                     calendar.next_start(Granularity::Day, calendar.bucket_start(Granularity::Day, t).unwrap())
                 );
+                // A GetSeries over the range lists the bucket an increment at t lands in.
+                assert!(hours.contains(&calendar.bucket_start(Granularity::Hour, t).unwrap()), "{zone} hour at {t}");
                 t += 7 * MINUTE_MS;
             }
             assert_eq!(table.pick(Granularity::Day, first - 1), None);

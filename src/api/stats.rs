@@ -49,9 +49,11 @@ impl StatsApi {
         if end < start {
             return Err(Error::invalid("end", "must not be before start"));
         }
+        let out_of_range = |field: &str| Error::invalid(field, "must lie within years 0001..9999");
+        self.calendar.bucket_start(g, start).map_err(|_| out_of_range("start"))?;
         self.calendar.buckets(g, start, end, self.max_buckets).map_err(|e| match e {
             RangeError::TooMany(max) => Error::invalid("end", format!("the range may cover at most {max} {unit}")),
-            RangeError::OutOfRange => Error::invalid("start", "the range must lie within years 0001..9999"),
+            RangeError::OutOfRange => out_of_range("end"),
         })
     }
 
