@@ -286,6 +286,52 @@ async fn shanghai_days_start_at_16_utc() {
     }
 }
 
+/// The scripts' bucket picking (stats_lib.lua), run in Redis on chosen
+/// instants instead of `TIME`, agrees with `Calendar::bucket_start` across
+/// DST changes and half-hour zones.
+#[tokio::test]
+async fn script_bucket_rules_match_the_calendar() {
+    use cachecoord::calendar::{Calendar, Granularity as G};
+    let redis = RedisServer::start().await;
+    let mut conn = redis.client().await;
+    let probe = concat!(
+        include_str!("../src/store/lua/stats_lib.lua"),
+        "local clock, a = read_clock(1)
+        local out = {}
+        for i = a, #ARGV do
+          local t = tonumber(ARGV[i])
+          local h = hour_of(clock, t)
+          local d, e = day_of(clock, t)
+          table.insert(out, {fmt(h), fmt(d), fmt(e)})
+        end
+        return out"
+    );
+    for (zone, now) in [
+        ("America/New_York", "2026-03-08T12:00:00Z"),
+        ("America/New_York", "2026-11-01T12:00:00Z"),
+        ("Australia/Lord_Howe", "2026-04-04T15:00:00Z"),
+        ("Asia/Kolkata", "2026-06-01T00:00:00Z"),
+        ("Asia/Shanghai", "2026-03-01T16:30:00Z"),
+    ] {
+        let calendar = Calendar::new(TimeZone::get(zone).unwrap());
+        let table = calendar.clock_table(now.parse::<Timestamp>().unwrap().as_millisecond()).unwrap();
+        let mut eval = redis::cmd("EVAL");
+        eval.arg(probe).arg(0).arg(table.day_starts.len()).arg(&table.day_starts).arg(table.offsets.len());
+        for (from, offset) in &table.offsets {
+            eval.arg(from).arg(offset);
+        }
+        let instants: Vec<i64> = (table.day_starts[0]..table.day_starts[4]).step_by(13 * 60_000 + 7).collect();
+        eval.arg(&instants);
+        let picked: Vec<(i64, i64, i64)> = eval.query_async(&mut conn).await.unwrap();
+        assert_eq!(picked.len(), instants.len());
+        for (t, (hour, day, day_end)) in instants.iter().zip(picked) {
+            assert_eq!(Ok(hour), calendar.bucket_start(G::Hour, *t), "{zone} hour at {t}");
+            assert_eq!(Ok(day), calendar.bucket_start(G::Day, *t), "{zone} day at {t}");
+            assert_eq!(Ok(day_end), calendar.next_start(G::Day, day), "{zone} day end at {t}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn totals_read_in_order_and_zero_amounts_only_read() {
     let redis = RedisServer::start().await;
