@@ -51,4 +51,11 @@ expect "Cache/Get" '"value": "aGVsbG8="' \
   "$(grpcurl -plaintext -d '{"key":"smoke"}' "$addr" cachecoord.v1.CacheService/Get)"
 bad=$(grpcurl -plaintext -d '{"key":""}' "$addr" cachecoord.v1.CacheService/Get 2>&1 || true)
 expect "Cache/Get invalid" "InvalidArgument" "$bad"
+expect "Stats/Increment" '"3"' \
+  "$(grpcurl -plaintext -d '{"deltas":[{"name":"smoke","amount":"3"}]}' "$addr" cachecoord.v1.StatsService/Increment)"
+week=$(grpcurl -plaintext -d "{\"name\":\"smoke\",\"granularity\":\"GRANULARITY_DAY\",
+  \"start\":\"$(date -u -d '6 days ago' +%FT%TZ)\",\"end\":\"$(date -u +%FT%TZ)\"}" \
+  "$addr" cachecoord.v1.StatsService/GetSeries)
+expect "Stats/GetSeries last 7 days" '"total": "3"' "$week"
+[ "$(grep -c '"start"' <<<"$week")" = 7 ] || fail "Stats/GetSeries: expected 7 day buckets in: $week"
 echo "grpcurl smoke: all checks passed"

@@ -68,6 +68,30 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_MAX_TTL", default_value = "30d", value_parser = duration)]
     pub max_ttl: Duration,
 
+    /// IANA time zone whose hours and days bound Stats buckets (bundled tz database).
+    #[arg(long, env = "CACHECOORD_STATS_TIME_ZONE", default_value = "UTC")]
+    pub stats_time_zone: String,
+
+    /// How long Stats minute buckets are kept after they end.
+    #[arg(long, env = "CACHECOORD_STATS_RETENTION_MINUTE", default_value = "48h", value_parser = duration)]
+    pub stats_retention_minute: Duration,
+
+    /// How long Stats hour buckets are kept after they end.
+    #[arg(long, env = "CACHECOORD_STATS_RETENTION_HOUR", default_value = "30d", value_parser = duration)]
+    pub stats_retention_hour: Duration,
+
+    /// How long Stats day buckets and daily unique sets are kept after they end.
+    #[arg(long, env = "CACHECOORD_STATS_RETENTION_DAY", default_value = "400d", value_parser = duration)]
+    pub stats_retention_day: Duration,
+
+    /// Most buckets (or days) one GetSeries or CountUnique may span.
+    #[arg(long, env = "CACHECOORD_STATS_MAX_BUCKETS", default_value_t = 1000)]
+    pub stats_max_buckets: usize,
+
+    /// Longest CountActive window; members not seen for longer are trimmed.
+    #[arg(long, env = "CACHECOORD_STATS_ACTIVE_WINDOW_MAX", default_value = "24h", value_parser = duration)]
+    pub stats_active_window_max: Duration,
+
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "CACHECOORD_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
     pub max_message_bytes: usize,
@@ -122,6 +146,18 @@ impl Config {
             self.max_message_bytes >= self.max_value_bytes + 64 * 1024,
             "--max-message-bytes must exceed --max-value-bytes by at least 64 KiB",
         );
+        check(
+            jiff::tz::TimeZone::get(&self.stats_time_zone).is_ok(),
+            "--stats-time-zone must be an IANA time zone name such as UTC or Asia/Shanghai",
+        );
+        check(!self.stats_retention_minute.is_zero(), "--stats-retention-minute must be positive");
+        check(!self.stats_retention_hour.is_zero(), "--stats-retention-hour must be positive");
+        check(!self.stats_retention_day.is_zero(), "--stats-retention-day must be positive");
+        check(self.stats_max_buckets > 0, "--stats-max-buckets must be at least 1");
+        check(
+            self.stats_active_window_max >= Duration::from_millis(1),
+            "--stats-active-window-max must be at least 1ms",
+        );
         if bad.is_empty() { Ok(()) } else { Err(bad.join("; ")) }
     }
 
@@ -164,6 +200,17 @@ mod tests {
         assert!(err.contains("--redis-pool-size"), "{err}");
         assert!(err.contains("--key-prefix"), "{err}");
         assert!(err.contains("--max-batch"), "{err}");
+    }
+
+    #[test]
+    fn stats_flags_are_checked() {
+        let config = parse(&["--stats-time-zone", "Mars/Olympus", "--stats-max-buckets", "0"]).expect("parses");
+        let err = config.validate().expect_err("invalid");
+        assert!(err.contains("--stats-time-zone"), "{err}");
+        assert!(err.contains("--stats-max-buckets"), "{err}");
+        let config = parse(&["--stats-time-zone", "Asia/Shanghai", "--stats-retention-day", "0s"]).expect("parses");
+        assert!(config.validate().expect_err("invalid").contains("--stats-retention-day"));
+        assert_eq!(parse(&["--stats-time-zone", "Asia/Shanghai"]).expect("parses").validate(), Ok(()));
     }
 
     #[test]

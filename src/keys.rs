@@ -35,6 +35,41 @@ impl Keys {
         format!("{}:tag:{{{tag}}}", self.prefix)
     }
 
+    /// The base of counter `name`'s keys, never itself written. The Increment
+    /// script appends `:total` (string, the all-time total, no expiry) and
+    /// `:m:<ms>`, `:h:<ms>`, `:d:<ms>` (string, the bucket starting at Unix
+    /// ms `<ms>`), so every key of one counter shares the hash tag `{name}`.
+    pub fn stats_counter(&self, name: &str) -> String {
+        format!("{}:st:{{{name}}}", self.prefix)
+    }
+
+    /// Counter `name`'s all-time total.
+    pub fn stats_total(&self, name: &str) -> String {
+        format!("{}:st:{{{name}}}:total", self.prefix)
+    }
+
+    /// Counter `name`'s bucket of granularity `tag` (`m`, `h`, `d`) starting at
+    /// Unix ms `start`.
+    pub fn stats_bucket(&self, name: &str, tag: &str, start: i64) -> String {
+        format!("{}:st:{{{name}}}:{tag}:{start}", self.prefix)
+    }
+
+    /// The base of unique set `name`'s keys; the AddUnique script appends
+    /// `:d:<ms>` (HyperLogLog of the local day starting at Unix ms `<ms>`).
+    pub fn stats_unique(&self, name: &str) -> String {
+        format!("{}:su:{{{name}}}", self.prefix)
+    }
+
+    /// Unique set `name`'s HyperLogLog for the day starting at Unix ms `start`.
+    pub fn stats_unique_day(&self, name: &str, start: i64) -> String {
+        format!("{}:su:{{{name}}}:d:{start}", self.prefix)
+    }
+
+    /// Activity group `group` (sorted set: member → last seen, Unix ms).
+    pub fn stats_active(&self, group: &str) -> String {
+        format!("{}:sa:{{{group}}}", self.prefix)
+    }
+
     /// The pub/sub channel that announces fills and voided leases; the
     /// message is the entry key.
     pub fn cache_fill_channel(&self) -> String {
@@ -53,5 +88,10 @@ mod tests {
         assert_eq!(keys.cache_lease("user:1"), "cc:c:{user:1}:lease");
         assert_eq!(keys.cache_tag("users"), "cc:tag:{users}");
         assert_eq!(keys.cache_fill_channel(), "cc:fills");
+        assert_eq!(keys.stats_counter("api:/users"), "cc:st:{api:/users}");
+        assert_eq!(keys.stats_total("api:/users"), "cc:st:{api:/users}:total");
+        assert_eq!(keys.stats_bucket("api:/users", "d", 1_700_000_000_000), "cc:st:{api:/users}:d:1700000000000");
+        assert_eq!(keys.stats_unique_day("dau", 5), "cc:su:{dau}:d:5");
+        assert_eq!(keys.stats_active("online"), "cc:sa:{online}");
     }
 }

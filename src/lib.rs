@@ -9,11 +9,13 @@
 //! - [`keys`]: every Redis key name.
 //! - [`error`]: the one error type and its mapping to gRPC statuses.
 //! - [`health`]: grpc.health.v1 statuses that follow a Redis probe.
+//! - [`calendar`]: Stats time buckets in the configured time zone.
 //!
 //! `server::run` takes the listener and a shutdown future, so tests start the
 //! real server in-process on port 0.
 
 pub mod api;
+pub mod calendar;
 pub mod config;
 pub mod error;
 pub mod health;

@@ -8,7 +8,8 @@ use tonic_health::ServingStatus;
 use tower_http::trace::TraceLayer;
 
 use crate::{
-    api::{Limits, cache::CacheApi, pending::Pending},
+    api::{Limits, cache::CacheApi, pending::Pending, stats::StatsApi},
+    calendar::Calendar,
     config::Config,
     health,
     keys::Keys,
@@ -17,7 +18,11 @@ use crate::{
         rate_limit_service_server::RateLimitServiceServer, session_service_server::SessionServiceServer,
         stats_service_server::StatsServiceServer,
     },
-    store::{Redis, cache::CacheStore},
+    store::{
+        Redis,
+        cache::CacheStore,
+        stats::{Retention, StatsStore},
+    },
 };
 
 /// Serves on `listener` until `shutdown` resolves, then reports NOT_SERVING,
@@ -51,6 +56,19 @@ pub async fn run(
         limits,
         config.cache_default_ttl,
         config.cache_fill_timeout,
+    );
+    let calendar = Calendar::new(jiff::tz::TimeZone::get(&config.stats_time_zone)?);
+    let retention = Retention {
+        minute: config.stats_retention_minute,
+        hour: config.stats_retention_hour,
+        day: config.stats_retention_day,
+    };
+    let stats = StatsApi::new(
+        StatsStore::new(redis.clone(), keys.clone(), calendar.clone(), retention, config.stats_active_window_max),
+        Limits::from_config(&config),
+        calendar,
+        config.stats_max_buckets,
+        config.stats_active_window_max,
     );
     let max = config.max_message_bytes;
     macro_rules! sized {
@@ -90,7 +108,7 @@ pub async fn run(
         .add_service(sized!(SessionServiceServer::new(Pending)))
         .add_service(sized!(RateLimitServiceServer::new(Pending)))
         .add_service(sized!(LockServiceServer::new(Pending)))
-        .add_service(sized!(StatsServiceServer::new(Pending)))
+        .add_service(sized!(StatsServiceServer::new(stats)))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopping_rx.wait_for(|stopping| *stopping).await;
         });

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod pending;
+pub mod stats;
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 
 use crate::proto::{
     lock_service_server::LockService, rate_limit_service_server::RateLimitService,
-    session_service_server::SessionService, stats_service_server::StatsService,
+    session_service_server::SessionService,
 };
 
 /// Placeholder for a service not implemented yet.
@@ -13,4 +13,3 @@ pub struct Pending;
 impl SessionService for Pending {}
 impl RateLimitService for Pending {}
 impl LockService for Pending {}
-impl StatsService for Pending {}

@@ -1,0 +1,184 @@
+//! Stats operations: counters with minute/hour/day buckets, activity sets and
+//! daily HyperLogLogs. One Redis round trip per call.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use deadpool_redis::redis::{self, Script, ScriptInvocation};
+
+use super::Redis;
+use crate::{
+    calendar::{Calendar, Granularity},
+    error::{Error, Result},
+    keys::Keys,
+};
+
+macro_rules! clock_script {
+    ($file:literal) => {
+        Script::new(concat!(include_str!("lua/stats_lib.lua"), include_str!(concat!("lua/", $file))))
+    };
+}
+
+/// How long buckets are kept after they end, per granularity.
+#[derive(Clone, Copy, Debug)]
+pub struct Retention {
+    /// Minute buckets.
+    pub minute: Duration,
+    /// Hour buckets.
+    pub hour: Duration,
+    /// Day buckets and daily unique sets.
+    pub day: Duration,
+}
+
+/// The Stats service's data in Redis.
+pub struct StatsStore {
+    redis: Redis,
+    keys: Keys,
+    /// Bucket boundaries in the configured zone.
+    calendar: Calendar,
+    retention: Retention,
+    /// The longest activity window; older members are trimmed.
+    active_window_max: Duration,
+    scripts: Scripts,
+}
+
+/// Loaded once; EVALSHA'd per call.
+struct Scripts {
+    increment: Script,
+    add_unique: Script,
+    mark_active: Script,
+    count_active: Script,
+}
+
+impl StatsStore {
+    /// A store under `keys`.
+    pub fn new(
+        redis: Redis,
+        keys: Keys,
+        calendar: Calendar,
+        retention: Retention,
+        active_window_max: Duration,
+    ) -> Self {
+        let scripts = Scripts {
+            increment: clock_script!("increment.lua"),
+            add_unique: clock_script!("add_unique.lua"),
+            mark_active: Script::new(include_str!("lua/mark_active.lua")),
+            count_active: Script::new(include_str!("lua/count_active.lua")),
+        };
+        Self { redis, keys, calendar, retention, active_window_max, scripts }
+    }
+
+    /// Adds each `(name, amount)` to its counter's current buckets and total;
+    /// returns the totals right after each, in order. One round trip. A delta
+    /// that would overflow a total is an invalid argument, and then nothing
+    /// is written.
+    pub async fn increment(&self, deltas: &[(&str, i64)]) -> Result<Vec<i64>> {
+        if deltas.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut call = self.scripts.increment.prepare_invoke();
+        call.arg(millis(self.retention.minute)).arg(millis(self.retention.hour)).arg(millis(self.retention.day));
+        self.clock_args(&mut call)?;
+        for (name, amount) in deltas {
+            call.key(self.keys.stats_counter(name)).arg(amount);
+        }
+        let reply: Vec<String> = self.redis.invoke(&call).await?;
+        if let [flag, k] = reply.as_slice()
+            && flag == "overflow"
+        {
+            let i = k.parse::<usize>().map_err(|e| Error::Internal(format!("increment overflow index {k}: {e}")))?;
+            return Err(Error::invalid(
+                format!("deltas[{}].amount", i.saturating_sub(1)),
+                "would take the total outside the int64 range",
+            ));
+        }
+        if reply.len() != deltas.len() {
+            return Err(Error::Internal(format!(
+                "increment returned {} totals for {} deltas",
+                reply.len(),
+                deltas.len()
+            )));
+        }
+        reply
+            .iter()
+            .map(|total| total.parse().map_err(|e| Error::Internal(format!("increment total {total}: {e}"))))
+            .collect()
+    }
+
+    /// The values of counter `name`'s buckets starting at `starts` (zero when
+    /// absent or expired), in one MGET.
+    pub async fn series(&self, name: &str, g: Granularity, starts: &[i64]) -> Result<Vec<i64>> {
+        let keys: Vec<String> = starts.iter().map(|start| self.keys.stats_bucket(name, g.tag(), *start)).collect();
+        self.read_counts(&keys).await
+    }
+
+    /// The all-time totals of `names` (zero for a name never written), in one
+    /// MGET.
+    pub async fn totals(&self, names: &[String]) -> Result<Vec<i64>> {
+        let keys: Vec<String> = names.iter().map(|name| self.keys.stats_total(name)).collect();
+        self.read_counts(&keys).await
+    }
+
+    async fn read_counts(&self, keys: &[String]) -> Result<Vec<i64>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let values: Vec<Option<i64>> = self.redis.query(redis::cmd("MGET").arg(keys)).await?;
+        if values.len() != keys.len() {
+            return Err(Error::Internal(format!("MGET returned {} values for {} keys", values.len(), keys.len())));
+        }
+        Ok(values.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    /// Records `member` of `group` as seen now (Redis time).
+    pub async fn mark_active(&self, group: &str, member: &str) -> Result<()> {
+        let mut call = self.scripts.mark_active.prepare_invoke();
+        call.key(self.keys.stats_active(group)).arg(member).arg(millis(self.active_window_max));
+        let _: i64 = self.redis.invoke(&call).await?;
+        Ok(())
+    }
+
+    /// How many members of `group` were seen within `window` before now.
+    pub async fn count_active(&self, group: &str, window: Duration) -> Result<u64> {
+        let mut call = self.scripts.count_active.prepare_invoke();
+        call.key(self.keys.stats_active(group)).arg(millis(window));
+        self.redis.invoke(&call).await
+    }
+
+    /// Adds `members` to today's HyperLogLog of `name`; true when it changed.
+    pub async fn add_unique(&self, name: &str, members: &[String]) -> Result<bool> {
+        let mut call = self.scripts.add_unique.prepare_invoke();
+        call.key(self.keys.stats_unique(name)).arg(millis(self.retention.day));
+        self.clock_args(&mut call)?;
+        call.arg(members);
+        let changed: i64 = self.redis.invoke(&call).await?;
+        Ok(changed == 1)
+    }
+
+    /// The estimated distinct members of `name` over the days starting at
+    /// `day_starts` (the union of their HyperLogLogs), in one PFCOUNT.
+    pub async fn count_unique(&self, name: &str, day_starts: &[i64]) -> Result<u64> {
+        if day_starts.is_empty() {
+            return Ok(0);
+        }
+        let keys: Vec<String> = day_starts.iter().map(|start| self.keys.stats_unique_day(name, *start)).collect();
+        self.redis.query(redis::cmd("PFCOUNT").arg(keys)).await
+    }
+
+    /// Appends the clock table around the service's now (stats_lib.lua).
+    fn clock_args(&self, call: &mut ScriptInvocation<'_>) -> Result<()> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| Error::Internal(e.to_string()))?;
+        let now = i64::try_from(now.as_millis()).map_err(|e| Error::Internal(e.to_string()))?;
+        let table = self.calendar.clock_table(now).map_err(|e| Error::Internal(format!("clock table: {e:?}")))?;
+        call.arg(table.day_starts.len()).arg(&table.day_starts);
+        call.arg(table.offsets.len());
+        for (from, offset) in &table.offsets {
+            call.arg(from).arg(offset);
+        }
+        Ok(())
+    }
+}
+
+/// Whole milliseconds, saturating.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
