@@ -68,6 +68,11 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_MAX_TTL", default_value = "30d", value_parser = duration)]
     pub max_ttl: Duration,
 
+    /// When Redis is unavailable, let rate-limit checks pass (`allowed`,
+    /// `unchecked`) instead of failing them with UNAVAILABLE.
+    #[arg(long, env = "CACHECOORD_RATE_LIMIT_FAIL_OPEN", default_value_t = false)]
+    pub rate_limit_fail_open: bool,
+
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "CACHECOORD_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
     pub max_message_bytes: usize,

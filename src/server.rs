@@ -8,7 +8,7 @@ use tonic_health::ServingStatus;
 use tower_http::trace::TraceLayer;
 
 use crate::{
-    api::{Limits, cache::CacheApi, pending::Pending},
+    api::{Limits, cache::CacheApi, pending::Pending, rate_limit::RateLimitApi},
     config::Config,
     health,
     keys::Keys,
@@ -17,7 +17,7 @@ use crate::{
         rate_limit_service_server::RateLimitServiceServer, session_service_server::SessionServiceServer,
         stats_service_server::StatsServiceServer,
     },
-    store::{Redis, cache::CacheStore},
+    store::{Redis, cache::CacheStore, rate_limit::RateLimitStore},
 };
 
 /// Serves on `listener` until `shutdown` resolves, then reports NOT_SERVING,
@@ -45,10 +45,12 @@ pub async fn run(
 
     let cache = CacheApi::new(
         CacheStore::new(redis.clone(), keys.clone()),
-        limits,
+        limits.clone(),
         config.cache_default_ttl,
         config.cache_fill_timeout,
     );
+    let rate_limit =
+        RateLimitApi::new(RateLimitStore::new(redis.clone(), keys.clone()), limits, config.rate_limit_fail_open);
     let max = config.max_message_bytes;
     macro_rules! sized {
         ($server:expr) => {
@@ -85,7 +87,7 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(sized!(CacheServiceServer::new(cache)))
         .add_service(sized!(SessionServiceServer::new(Pending)))
-        .add_service(sized!(RateLimitServiceServer::new(Pending)))
+        .add_service(sized!(RateLimitServiceServer::new(rate_limit)))
         .add_service(sized!(LockServiceServer::new(Pending)))
         .add_service(sized!(StatsServiceServer::new(Pending)))
         .serve_with_incoming_shutdown(incoming, async move {
