@@ -79,6 +79,14 @@ async fn settle_in_window(conn: &mut MultiplexedConnection, period_ms: u64, marg
     panic!("window never settled");
 }
 
+/// When `key` expires, in Redis Unix ms (PTTL and TIME read atomically).
+async fn expires_at(conn: &mut MultiplexedConnection, key: &str) -> u64 {
+    let script = redis::Script::new("local t = redis.call('TIME') return {redis.call('PTTL', KEYS[1]), t[1], t[2]}");
+    let (pttl, seconds, micros): (i64, u64, u64) = script.key(key).invoke_async(conn).await.expect("PTTL");
+    let pttl = u64::try_from(pttl).unwrap_or_else(|_| panic!("{key} has no expiry: {pttl}"));
+    seconds * 1000 + micros / 1000 + pttl
+}
+
 async fn state_keys(redis: &RedisServer, server: &TestServer) -> Vec<String> {
     let mut conn = redis.client().await;
     let mut keys: Vec<String> = conn.keys(format!("{}:*", server.prefix)).await.expect("KEYS");
@@ -328,6 +336,33 @@ async fn token_bucket_times_match_redis_time_and_retry_after_is_when_it_passes()
 }
 
 #[tokio::test]
+async fn token_bucket_holds_burst_and_refills_limit_per_period() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut client = server.rate_limit();
+    // Burst above the rate: 6 at once, then one unit per 500 ms.
+    let big = || vec![bucket("big", 2, 1000, 6)];
+    let response = check(&mut client, with_cost(big(), 6)).await;
+    assert!(response.allowed);
+    assert_eq!(response.statuses[0].remaining, 0);
+    assert_eq!(millis(&response.statuses[0].reset_after), 3000, "6 units x 500 ms");
+    let response = check(&mut client, peek(big())).await;
+    let status = &response.statuses[0];
+    assert!(!response.allowed);
+    // Both count down from the same instant: full in 3000 - t, next unit in 500 - t.
+    assert_eq!(millis(&status.retry_after) + 2500, millis(&status.reset_after), "{status:?}");
+
+    // Burst below the rate: one at a time, one unit per 100 ms.
+    let small = || vec![bucket("small", 10, 1000, 1)];
+    assert!(check(&mut client, request(small())).await.allowed);
+    let response = check(&mut client, request(small())).await;
+    let status = &response.statuses[0];
+    assert!(!response.allowed);
+    assert_eq!(status.retry_after, status.reset_after, "{status:?}");
+    assert!((1..=100).contains(&millis(&status.retry_after)), "{status:?}");
+}
+
+#[tokio::test]
 async fn sliding_window_weights_the_previous_window() {
     let redis = RedisServer::start().await;
     let server = TestServer::start(&redis).await;
@@ -362,8 +397,10 @@ async fn sliding_window_weights_the_previous_window() {
     let (response, before, after) = bracketed(&mut conn, check(&mut client, request(l()))).await;
     assert!(!response.allowed);
     let retry = millis(&response.retry_after);
-    let e = period + period / 100 - retry;
-    assert!((before % period..=after % period).contains(&e), "retry {retry}");
+    // reset_after (2 x period - e) gives the script's exact e.
+    let e = 2 * period - millis(&response.statuses[0].reset_after);
+    assert!((before % period..=after % period).contains(&e), "{response:?}");
+    assert_eq!(retry, period - e + period / 100, "{response:?}");
 
     // The previous window full and the current empty: within the first 1%
     // of the window nothing fits; later, the share that has passed.
@@ -453,24 +490,14 @@ async fn every_key_expires_by_itself() {
         ),
     )
     .await;
-    let pttl = |letter, key| {
-        let key = state_key(&server, letter, key);
-        let mut conn = conn.clone();
-        async move {
-            let pttl: i64 = conn.pttl(&key).await.unwrap();
-            u64::try_from(pttl).unwrap_or_else(|_| panic!("{key} has no expiry: {pttl}"))
-        }
-    };
     let window_end = (before / period + 1) * period;
-    let (fixed, sliding, bucket) = (pttl('f', "f").await, pttl('s', "s").await, pttl('t', "t").await);
-    // PTTL counts down from the script's `now` in [before, after] to the read, before `late`.
-    let late = redis_now(&mut conn).await;
-    assert!(after <= late);
-    assert!((window_end - late - 1..=window_end - before).contains(&fixed), "fixed {fixed}");
-    let sliding_end = window_end + period;
-    assert!((sliding_end - late - 1..=sliding_end - before).contains(&sliding), "sliding {sliding}");
-    // Two units of a bucket refilling one per 6 s: full again in 12 s.
-    assert!((12_000 - (late - before) - 1..=12_000).contains(&bucket), "bucket {bucket}");
+    let fixed = expires_at(&mut conn, &state_key(&server, 'f', "f")).await;
+    assert!(fixed.abs_diff(window_end) <= 1, "fixed expires at {fixed}, its window ends at {window_end}");
+    let sliding = expires_at(&mut conn, &state_key(&server, 's', "s")).await;
+    assert!(sliding.abs_diff(window_end + period) <= 1, "sliding expires at {sliding}");
+    // Two units of a bucket refilling one per 6 s: full again 12 s after the check.
+    let bucket = expires_at(&mut conn, &state_key(&server, 't', "t")).await;
+    assert!((before + 12_000 - 1..=after + 12_000 + 1).contains(&bucket), "bucket expires at {bucket}");
 
     // And with short periods, they are gone soon after.
     let short = vec![
