@@ -45,12 +45,15 @@ pub async fn run(
 
     let cache = CacheApi::new(
         CacheStore::new(redis.clone(), keys.clone()),
-        limits.clone(),
+        limits,
         config.cache_default_ttl,
         config.cache_fill_timeout,
     );
-    let rate_limit =
-        RateLimitApi::new(RateLimitStore::new(redis.clone(), keys.clone()), limits, config.rate_limit_fail_open);
+    let rate_limit = RateLimitApi::new(
+        RateLimitStore::new(redis.clone(), keys.clone()),
+        Limits::from_config(&config),
+        config.rate_limit_fail_open,
+    );
     let max = config.max_message_bytes;
     macro_rules! sized {
         ($server:expr) => {
