@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Operator's smoke check with grpcurl and no .proto files at hand (reflection
-# only): list services, describe one, Cache Set/Get, Health Check.
+# only): list services, describe one, Cache Set/Get, RateLimit Check, Health Check.
 # Starts its own redis-server and the given cachecoord binary on free ports.
 # Usage: scripts/grpcurl-smoke.sh [path/to/cachecoord]
 set -euo pipefail
@@ -58,4 +58,8 @@ week=$(grpcurl -plaintext -d "{\"name\":\"smoke\",\"granularity\":\"GRANULARITY_
   "$addr" cachecoord.v1.StatsService/GetSeries)
 expect "Stats/GetSeries last 7 days" '"total": "3"' "$week"
 [ "$(grep -c '"start"' <<<"$week")" = 7 ] || fail "Stats/GetSeries: expected 7 day buckets in: $week"
+rl='{"limits":[{"key":"smoke","limit":1,"period":"60s","algorithm":"ALGORITHM_TOKEN_BUCKET"}]}'
+expect "RateLimit/Check" '"allowed": true' "$(grpcurl -plaintext -d "$rl" "$addr" cachecoord.v1.RateLimitService/Check)"
+expect "RateLimit/Check denied" '"retryAfter": "[56][0-9.]*s"' \
+  "$(grpcurl -plaintext -d "$rl" "$addr" cachecoord.v1.RateLimitService/Check)"
 echo "grpcurl smoke: all checks passed"

@@ -91,6 +91,10 @@ pub struct Config {
     /// Longest CountActive window; members not seen for longer are trimmed.
     #[arg(long, env = "CACHECOORD_STATS_ACTIVE_WINDOW_MAX", default_value = "24h", value_parser = duration)]
     pub stats_active_window_max: Duration,
+    /// When Redis is unavailable, let rate-limit checks pass (`allowed`,
+    /// `unchecked`) instead of failing them with UNAVAILABLE.
+    #[arg(long, env = "CACHECOORD_RATE_LIMIT_FAIL_OPEN", default_value_t = false)]
+    pub rate_limit_fail_open: bool,
 
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "CACHECOORD_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]

@@ -75,6 +75,25 @@ impl Keys {
     pub fn cache_fill_channel(&self) -> String {
         format!("{}:fills", self.prefix)
     }
+
+    /// Fixed-window state of rate-limit key `key` (hash: `w` window index,
+    /// `n` count). No braces of ours: the caller's own `{tag}` in `key`, if
+    /// any, is the hash tag, so the keys of one Check can share a slot.
+    pub fn rate_limit_fixed(&self, key: &str) -> String {
+        format!("{}:rl:f:{key}", self.prefix)
+    }
+
+    /// Sliding-window state of rate-limit key `key` (hash: `w` window
+    /// index, `c` its count, `p` the previous window's count).
+    pub fn rate_limit_sliding(&self, key: &str) -> String {
+        format!("{}:rl:s:{key}", self.prefix)
+    }
+
+    /// Token-bucket (GCRA) state of rate-limit key `key` (hash: `t` time in
+    /// Unix ms, `d` debt in unit-ms at that time).
+    pub fn rate_limit_bucket(&self, key: &str) -> String {
+        format!("{}:rl:t:{key}", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -93,5 +112,13 @@ mod tests {
         assert_eq!(keys.stats_bucket("api:/users", "d", 1_700_000_000_000), "cc:st:{api:/users}:d:1700000000000");
         assert_eq!(keys.stats_unique_day("dau", 5), "cc:su:{dau}:d:5");
         assert_eq!(keys.stats_active("online"), "cc:sa:{online}");
+    }
+
+    #[test]
+    fn rate_limit_keys_leave_the_hash_tag_to_the_caller() {
+        let keys = Keys::new("cc");
+        assert_eq!(keys.rate_limit_fixed("{user:42}:api"), "cc:rl:f:{user:42}:api");
+        assert_eq!(keys.rate_limit_sliding("api:{user:42}"), "cc:rl:s:api:{user:42}");
+        assert_eq!(keys.rate_limit_bucket("plain"), "cc:rl:t:plain");
     }
 }

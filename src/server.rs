@@ -8,7 +8,7 @@ use tonic_health::ServingStatus;
 use tower_http::trace::TraceLayer;
 
 use crate::{
-    api::{Limits, cache::CacheApi, pending::Pending, stats::StatsApi},
+    api::{Limits, cache::CacheApi, pending::Pending, rate_limit::RateLimitApi, stats::StatsApi},
     calendar::Calendar,
     config::Config,
     health,
@@ -21,6 +21,7 @@ use crate::{
     store::{
         Redis,
         cache::CacheStore,
+        rate_limit::RateLimitStore,
         stats::{Retention, StatsStore},
     },
 };
@@ -70,6 +71,11 @@ pub async fn run(
         config.stats_max_buckets,
         config.stats_active_window_max,
     );
+    let rate_limit = RateLimitApi::new(
+        RateLimitStore::new(redis.clone(), keys.clone()),
+        Limits::from_config(&config),
+        config.rate_limit_fail_open,
+    );
     let max = config.max_message_bytes;
     macro_rules! sized {
         ($server:expr) => {
@@ -106,7 +112,7 @@ pub async fn run(
         .add_service(reflection_v1alpha)
         .add_service(sized!(CacheServiceServer::new(cache)))
         .add_service(sized!(SessionServiceServer::new(Pending)))
-        .add_service(sized!(RateLimitServiceServer::new(Pending)))
+        .add_service(sized!(RateLimitServiceServer::new(rate_limit)))
         .add_service(sized!(LockServiceServer::new(Pending)))
         .add_service(sized!(StatsServiceServer::new(stats)))
         .serve_with_incoming_shutdown(incoming, async move {

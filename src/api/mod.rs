@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod pending;
+pub mod rate_limit;
 pub mod stats;
 
 use std::time::Duration;

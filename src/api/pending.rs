@@ -1,15 +1,11 @@
 //! Services whose issues have not landed: every RPC answers UNIMPLEMENTED
 //! through the default methods `build.rs` generates.
 
-use crate::proto::{
-    lock_service_server::LockService, rate_limit_service_server::RateLimitService,
-    session_service_server::SessionService,
-};
+use crate::proto::{lock_service_server::LockService, session_service_server::SessionService};
 
 /// Placeholder for a service not implemented yet.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Pending;
 
 impl SessionService for Pending {}
-impl RateLimitService for Pending {}
 impl LockService for Pending {}

@@ -7,6 +7,7 @@
 
 pub mod cache;
 mod fills;
+pub mod rate_limit;
 pub mod stats;
 
 use std::{future::Future, time::Duration};
