@@ -40,6 +40,25 @@ impl Keys {
     pub fn cache_fill_channel(&self) -> String {
         format!("{}:fills", self.prefix)
     }
+
+    /// A session (hash: `id`, `user`, `data` as a JSON object, `created` Unix
+    /// ms, `idle` timeout ms, `index` = its user's index key); expires when
+    /// its idle timeout runs out.
+    pub fn session(&self, session_id: &str) -> String {
+        format!("{}:s:{{{session_id}}}", self.prefix)
+    }
+
+    /// A user's session index (sorted set: session key → creation time in
+    /// µs); expires with the user's longest-lived session.
+    pub fn user_sessions(&self, user_id: &str) -> String {
+        format!("{}:u:{{{user_id}}}", self.prefix)
+    }
+
+    /// A token revocation (string `1`), named by the hex SHA-256 of the
+    /// token, never the token; expires when the token does.
+    pub fn revoked_token(&self, sha256_hex: &str) -> String {
+        format!("{}:rt:{{{sha256_hex}}}", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -53,5 +72,8 @@ mod tests {
         assert_eq!(keys.cache_lease("user:1"), "cc:c:{user:1}:lease");
         assert_eq!(keys.cache_tag("users"), "cc:tag:{users}");
         assert_eq!(keys.cache_fill_channel(), "cc:fills");
+        assert_eq!(keys.session("abc"), "cc:s:{abc}");
+        assert_eq!(keys.user_sessions("u1"), "cc:u:{u1}");
+        assert_eq!(keys.revoked_token("00ff"), "cc:rt:{00ff}");
     }
 }

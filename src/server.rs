@@ -8,7 +8,7 @@ use tonic_health::ServingStatus;
 use tower_http::trace::TraceLayer;
 
 use crate::{
-    api::{Limits, cache::CacheApi, pending::Pending},
+    api::{Limits, cache::CacheApi, pending::Pending, session::SessionApi},
     config::Config,
     health,
     keys::Keys,
@@ -17,7 +17,7 @@ use crate::{
         rate_limit_service_server::RateLimitServiceServer, session_service_server::SessionServiceServer,
         stats_service_server::StatsServiceServer,
     },
-    store::{Redis, cache::CacheStore},
+    store::{Redis, cache::CacheStore, session::SessionStore},
 };
 
 /// Serves on `listener` until `shutdown` resolves, then reports NOT_SERVING,
@@ -43,6 +43,17 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    let sessions = SessionApi::new(
+        SessionStore::new(
+            redis.clone(),
+            keys.clone(),
+            config.session_max_per_user,
+            config.max_value_bytes,
+            config.max_ttl,
+        ),
+        limits.clone(),
+        config.session_default_ttl,
+    );
     let cache = CacheApi::new(
         CacheStore::new(redis.clone(), keys.clone()),
         limits,
@@ -84,7 +95,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(sized!(CacheServiceServer::new(cache)))
-        .add_service(sized!(SessionServiceServer::new(Pending)))
+        .add_service(sized!(SessionServiceServer::new(sessions)))
         .add_service(sized!(RateLimitServiceServer::new(Pending)))
         .add_service(sized!(LockServiceServer::new(Pending)))
         .add_service(sized!(StatsServiceServer::new(Pending)))

@@ -4,6 +4,7 @@
 
 pub mod cache;
 pub mod pending;
+pub mod session;
 
 use std::time::Duration;
 

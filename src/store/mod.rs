@@ -7,6 +7,7 @@
 
 pub mod cache;
 mod fills;
+pub mod session;
 
 use std::{future::Future, time::Duration};
 
