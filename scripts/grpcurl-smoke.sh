@@ -51,4 +51,10 @@ expect "Cache/Get" '"value": "aGVsbG8="' \
   "$(grpcurl -plaintext -d '{"key":"smoke"}' "$addr" cachecoord.v1.CacheService/Get)"
 bad=$(grpcurl -plaintext -d '{"key":""}' "$addr" cachecoord.v1.CacheService/Get 2>&1 || true)
 expect "Cache/Get invalid" "InvalidArgument" "$bad"
+created=$(grpcurl -plaintext -d '{"user_id":"smoke","data":{"role":"admin"},"ttl":"60s"}' "$addr" \
+  cachecoord.v1.SessionService/CreateSession)
+expect "Session/CreateSession" '"role": "admin"' "$created"
+sid=$(grep -o '"sessionId": "[^"]*"' <<<"$created" | cut -d'"' -f4)
+expect "Session/GetSession" '"found": true' \
+  "$(grpcurl -plaintext -d '{"session_id":"'"$sid"'","touch":true}' "$addr" cachecoord.v1.SessionService/GetSession)"
 echo "grpcurl smoke: all checks passed"
