@@ -52,7 +52,8 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_CACHE_FILL_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub cache_fill_timeout: Duration,
 
-    /// Idle timeout of a session created without one.
+    /// Idle timeout of a session created without one; a value above
+    /// --max-ttl is cut to it (so lowering --max-ttl alone stays valid).
     #[arg(long, env = "CACHECOORD_SESSION_DEFAULT_TTL", default_value = "24h", value_parser = duration)]
     pub session_default_ttl: Duration,
 
@@ -127,10 +128,7 @@ impl Config {
             !self.cache_fill_timeout.is_zero() && self.cache_fill_timeout <= self.max_ttl,
             "--cache-fill-timeout must be positive and at most --max-ttl",
         );
-        check(
-            !self.session_default_ttl.is_zero() && self.session_default_ttl <= self.max_ttl,
-            "--session-default-ttl must be positive and at most --max-ttl",
-        );
+        check(!self.session_default_ttl.is_zero(), "--session-default-ttl must be positive");
         check(
             self.max_message_bytes >= self.max_value_bytes + 64 * 1024,
             "--max-message-bytes must exceed --max-value-bytes by at least 64 KiB",

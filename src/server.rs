@@ -52,7 +52,7 @@ pub async fn run(
             config.max_ttl,
         ),
         limits.clone(),
-        config.session_default_ttl,
+        config.session_default_ttl.min(config.max_ttl),
     );
     let cache = CacheApi::new(
         CacheStore::new(redis.clone(), keys.clone()),

@@ -227,6 +227,11 @@ async fn absent_data_is_an_empty_object_and_absent_ttl_the_default() {
     let server = TestServer::start_with(&redis, &["--session-default-ttl", "90s"]).await;
     let session = create_ok(&mut server.sessions(), "u", None, None).await;
     assert_eq!(millis(&session.expires_at) - millis(&session.created_at), 90_000);
+
+    // A default above --max-ttl is cut to it.
+    let server = TestServer::start_with(&redis, &["--max-ttl", "1m", "--cache-default-ttl", "1m"]).await;
+    let session = create_ok(&mut server.sessions(), "u", None, None).await;
+    assert_eq!(millis(&session.expires_at) - millis(&session.created_at), 60_000);
 }
 
 #[tokio::test]
