@@ -62,4 +62,10 @@ rl='{"limits":[{"key":"smoke","limit":1,"period":"60s","algorithm":"ALGORITHM_TO
 expect "RateLimit/Check" '"allowed": true' "$(grpcurl -plaintext -d "$rl" "$addr" cachecoord.v1.RateLimitService/Check)"
 expect "RateLimit/Check denied" '"retryAfter": "[56][0-9.]*s"' \
   "$(grpcurl -plaintext -d "$rl" "$addr" cachecoord.v1.RateLimitService/Check)"
+created=$(grpcurl -plaintext -d '{"user_id":"smoke","data":{"role":"admin"},"ttl":"60s"}' "$addr" \
+  cachecoord.v1.SessionService/CreateSession)
+expect "Session/CreateSession" '"role": "admin"' "$created"
+sid=$(grep -o '"sessionId": "[^"]*"' <<<"$created" | cut -d'"' -f4)
+expect "Session/GetSession" '"found": true' \
+  "$(grpcurl -plaintext -d '{"session_id":"'"$sid"'","touch":true}' "$addr" cachecoord.v1.SessionService/GetSession)"
 echo "grpcurl smoke: all checks passed"

@@ -52,6 +52,16 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_CACHE_FILL_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub cache_fill_timeout: Duration,
 
+    /// Idle timeout of a session created without one; a value above
+    /// --max-ttl is cut to it (so lowering --max-ttl alone stays valid).
+    #[arg(long, env = "CACHECOORD_SESSION_DEFAULT_TTL", default_value = "24h", value_parser = duration)]
+    pub session_default_ttl: Duration,
+
+    /// Most live sessions one user may have; creating one more evicts the
+    /// user's oldest. 0 means unlimited.
+    #[arg(long, env = "CACHECOORD_SESSION_MAX_PER_USER", default_value_t = 0)]
+    pub session_max_per_user: u32,
+
     /// Longest key, name or tag, in bytes.
     #[arg(long, env = "CACHECOORD_MAX_KEY_BYTES", default_value_t = 512)]
     pub max_key_bytes: usize,
@@ -146,6 +156,7 @@ impl Config {
             !self.cache_fill_timeout.is_zero() && self.cache_fill_timeout <= self.max_ttl,
             "--cache-fill-timeout must be positive and at most --max-ttl",
         );
+        check(!self.session_default_ttl.is_zero(), "--session-default-ttl must be positive");
         check(
             self.max_message_bytes >= self.max_value_bytes + 64 * 1024,
             "--max-message-bytes must exceed --max-value-bytes by at least 64 KiB",

@@ -94,6 +94,25 @@ impl Keys {
     pub fn rate_limit_bucket(&self, key: &str) -> String {
         format!("{}:rl:t:{key}", self.prefix)
     }
+
+    /// A session (hash: `id`, `user`, `data` as a JSON object, `created` Unix
+    /// ms, `idle` timeout ms, `index` = its user's index key); expires when
+    /// its idle timeout runs out.
+    pub fn session(&self, session_id: &str) -> String {
+        format!("{}:s:{{{session_id}}}", self.prefix)
+    }
+
+    /// A user's session index (sorted set: session key → creation time in
+    /// µs); expires with the user's longest-lived session.
+    pub fn user_sessions(&self, user_id: &str) -> String {
+        format!("{}:u:{{{user_id}}}", self.prefix)
+    }
+
+    /// A token revocation (string `1`), named by the hex SHA-256 of the
+    /// token, never the token; expires when the token does.
+    pub fn revoked_token(&self, sha256_hex: &str) -> String {
+        format!("{}:rt:{{{sha256_hex}}}", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -120,5 +139,13 @@ mod tests {
         assert_eq!(keys.rate_limit_fixed("{user:42}:api"), "cc:rl:f:{user:42}:api");
         assert_eq!(keys.rate_limit_sliding("api:{user:42}"), "cc:rl:s:api:{user:42}");
         assert_eq!(keys.rate_limit_bucket("plain"), "cc:rl:t:plain");
+    }
+
+    #[test]
+    fn session_keys_are_tagged_by_their_id() {
+        let keys = Keys::new("cc");
+        assert_eq!(keys.session("abc"), "cc:s:{abc}");
+        assert_eq!(keys.user_sessions("u1"), "cc:u:{u1}");
+        assert_eq!(keys.revoked_token("00ff"), "cc:rt:{00ff}");
     }
 }

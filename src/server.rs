@@ -8,7 +8,7 @@ use tonic_health::ServingStatus;
 use tower_http::trace::TraceLayer;
 
 use crate::{
-    api::{Limits, cache::CacheApi, pending::Pending, rate_limit::RateLimitApi, stats::StatsApi},
+    api::{Limits, cache::CacheApi, pending::Pending, rate_limit::RateLimitApi, session::SessionApi, stats::StatsApi},
     calendar::Calendar,
     config::Config,
     health,
@@ -22,6 +22,7 @@ use crate::{
         Redis,
         cache::CacheStore,
         rate_limit::RateLimitStore,
+        session::SessionStore,
         stats::{Retention, StatsStore},
     },
 };
@@ -52,6 +53,17 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    let sessions = SessionApi::new(
+        SessionStore::new(
+            redis.clone(),
+            keys.clone(),
+            config.session_max_per_user,
+            config.max_value_bytes,
+            config.max_ttl,
+        ),
+        limits.clone(),
+        config.session_default_ttl.min(config.max_ttl),
+    );
     let cache = CacheApi::new(
         CacheStore::new(redis.clone(), keys.clone()),
         limits,
@@ -111,7 +123,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(sized!(CacheServiceServer::new(cache)))
-        .add_service(sized!(SessionServiceServer::new(Pending)))
+        .add_service(sized!(SessionServiceServer::new(sessions)))
         .add_service(sized!(RateLimitServiceServer::new(rate_limit)))
         .add_service(sized!(LockServiceServer::new(Pending)))
         .add_service(sized!(StatsServiceServer::new(stats)))

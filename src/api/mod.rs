@@ -5,6 +5,7 @@
 pub mod cache;
 pub mod pending;
 pub mod rate_limit;
+pub mod session;
 pub mod stats;
 
 use std::time::Duration;

@@ -1,11 +1,10 @@
 //! Services whose issues have not landed: every RPC answers UNIMPLEMENTED
 //! through the default methods `build.rs` generates.
 
-use crate::proto::{lock_service_server::LockService, session_service_server::SessionService};
+use crate::proto::lock_service_server::LockService;
 
 /// Placeholder for a service not implemented yet.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Pending;
 
-impl SessionService for Pending {}
 impl LockService for Pending {}

@@ -8,6 +8,7 @@
 pub mod cache;
 mod fills;
 pub mod rate_limit;
+pub mod session;
 pub mod stats;
 
 use std::{future::Future, time::Duration};
