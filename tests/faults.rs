@@ -74,23 +74,7 @@ async fn a_stalled_redis_times_out_as_unavailable() {
     cache.set(set("k")).await.unwrap();
 
     // DEBUG SLEEP blocks the whole Redis for a while: a slow Redis, not a dead one.
-    let mut admin = redis.client().await;
-    let mut probe = redis.client().await;
-    let stall = tokio::spawn(async move {
-        let _: () = redis::cmd("DEBUG").arg("SLEEP").arg("1.5").query_async(&mut admin).await.unwrap();
-    });
-    // Wait until Redis is really stalled: a PING with a short deadline fails.
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let ping = redis::cmd("PING");
-            if tokio::time::timeout(Duration::from_millis(50), ping.query_async::<String>(&mut probe)).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("redis never stalled");
+    let stall = redis.stall(1.5).await;
 
     let mut request = get("k");
     request.set_timeout(Duration::from_secs(1)); // shorter than the stall
@@ -147,16 +131,8 @@ async fn shutdown_reports_not_serving_and_lets_in_flight_rpcs_finish() {
 
 /// True once the Fetch waiter has made its reads (lease found, registered).
 async fn waiter_started(redis: &RedisServer) -> bool {
-    let mut conn = redis.client().await;
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
-    info.lines()
-        .find(|line| line.starts_with("cmdstat_evalsha:"))
-        .and_then(|line| line.split("calls=").nth(1))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .is_some_and(|calls| calls >= 3)
+    redis.calls("evalsha").await >= 3
 }
-
 #[tokio::test]
 async fn password_and_database_number_in_the_url_are_used() {
     let redis = common::RedisServer::start_with_password("s3cret").await;

@@ -9,7 +9,6 @@ use cachecoord::proto::{
     InvalidateTagsRequest, SetRequest,
 };
 use common::{RedisServer, TestServer, assert_invalid, ms};
-use deadpool_redis::redis;
 
 fn fetch(key: &str, fill_timeout_ms: u64, max_wait_ms: u64) -> FetchRequest {
     FetchRequest { key: key.into(), fill_timeout: ms(fill_timeout_ms), max_wait: ms(max_wait_ms) }
@@ -26,14 +25,7 @@ fn outcome(response: &FetchResponse) -> FetchOutcome {
 /// How many script calls Redis has executed (waiters make a known number
 /// before they block, so this tells when they are all waiting).
 async fn script_calls(redis: &RedisServer) -> u64 {
-    let mut conn = redis.client().await;
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
-    info.lines()
-        .find(|line| line.starts_with("cmdstat_evalsha:"))
-        .and_then(|line| line.split("calls=").nth(1))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    redis.calls("evalsha").await
 }
 
 async fn wait_for_script_calls(redis: &RedisServer, at_least: u64) {
@@ -245,22 +237,7 @@ async fn a_fetch_cancelled_while_redis_is_busy_leaves_no_lease_behind() {
     // Load the scripts, as a running service has (else the stalled call fails
     // with NOSCRIPT and never runs).
     cache.fetch(fetch("warm-up", 1_000, 0)).await.unwrap();
-    let mut admin = redis.client().await;
-    let mut probe = redis.client().await;
-    let stall = tokio::spawn(async move {
-        let _: () = redis::cmd("DEBUG").arg("SLEEP").arg("0.5").query_async(&mut admin).await.unwrap();
-    });
-    tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let ping = redis::cmd("PING");
-            if tokio::time::timeout(Duration::from_millis(50), ping.query_async::<String>(&mut probe)).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("redis never stalled");
+    let stall = redis.stall(0.5).await;
 
     let mut request = tonic::Request::new(fetch("k", 60_000, 0));
     request.set_timeout(Duration::from_millis(100));

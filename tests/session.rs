@@ -130,18 +130,6 @@ async fn wait_until_no_keys(redis: &RedisServer, server: &TestServer) {
     panic!("keys remain: {:?}", stored_keys(redis, server).await);
 }
 
-/// How many times Redis ran `command` (from INFO commandstats).
-async fn command_calls(redis: &RedisServer, command: &str) -> u64 {
-    let mut conn = redis.client().await;
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
-    info.lines()
-        .find(|line| line.starts_with(&format!("cmdstat_{command}:")))
-        .and_then(|line| line.split("calls=").nth(1))
-        .and_then(|rest| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
-}
-
 fn rich_data() -> Struct {
     obj(vec![
         ("name", text("Zoë 🎉 \"quoted\" \\ / 中文")),
@@ -673,19 +661,19 @@ async fn check_tokens_answers_a_thousand_in_order_in_one_round_trip() {
     for token in tokens.iter().filter(|t| t.ends_with('7')) {
         client.revoke_token(revoke(token, expires_at)).await.unwrap();
     }
-    let before = command_calls(&redis, "mget").await;
+    let before = redis.calls("mget").await;
     let started = Instant::now();
     let revoked =
         client.check_tokens(CheckTokensRequest { tokens: tokens.clone() }).await.unwrap().into_inner().revoked;
     println!("CheckTokens of 1000: {:?}", started.elapsed());
-    assert_eq!(command_calls(&redis, "mget").await - before, 1);
+    assert_eq!(redis.calls("mget").await - before, 1);
     assert_eq!(revoked.len(), 1000);
     for (token, revoked) in tokens.iter().zip(revoked) {
         assert_eq!(revoked, token.ends_with('7'), "{token}");
     }
     // An empty list gets an empty answer, without Redis.
     assert!(check(&mut client, &[]).await.is_empty());
-    assert_eq!(command_calls(&redis, "mget").await - before, 1);
+    assert_eq!(redis.calls("mget").await - before, 1);
 }
 
 #[tokio::test]
@@ -703,9 +691,9 @@ async fn every_session_rpc_is_one_script_call() {
     client.delete_user_sessions(request()).await.unwrap();
     client.revoke_token(revoke("t", now_ms() + 60_000)).await.unwrap();
 
-    let mut calls = command_calls(&redis, "evalsha").await;
+    let mut calls = redis.calls("evalsha").await;
     let mut one_more = async |what: &str| {
-        let now = command_calls(&redis, "evalsha").await;
+        let now = redis.calls("evalsha").await;
         assert_eq!(now - calls, 1, "{what}");
         calls = now;
     };
@@ -907,23 +895,7 @@ async fn redis_down_is_unavailable_within_the_timeout() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ok, "the service recovers when Redis is back");
-    let mut conn = redis.client().await;
-    let mut probe = redis.client().await;
-    let sleeper = tokio::spawn(async move {
-        let _: Result<(), _> = redis::cmd("DEBUG").arg("SLEEP").arg("2").query_async(&mut conn).await;
-    });
-    // Wait until Redis stops answering: a PING on a third connection hangs.
-    let mut asleep = false;
-    for _ in 0..100 {
-        let cmd = redis::cmd("PING");
-        let ping = cmd.query_async::<String>(&mut probe);
-        if tokio::time::timeout(Duration::from_millis(50), ping).await.is_err() {
-            asleep = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    assert!(asleep, "DEBUG SLEEP never took hold");
+    let sleeper = redis.stall(2.0).await;
     let started = Instant::now();
     let result = client.get_session(GetSessionRequest { session_id: id, touch: false }).await;
     let elapsed = started.elapsed();

@@ -26,18 +26,6 @@ async fn redis_now(redis: &RedisServer) -> i64 {
     secs * 1000 + micros / 1000
 }
 
-/// Calls per command so far (commands run inside scripts included).
-async fn command_calls(redis: &RedisServer) -> HashMap<String, u64> {
-    let mut conn = redis.client().await;
-    let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
-    info.lines()
-        .filter_map(|line| {
-            let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
-            Some((name.to_string(), rest.split(',').next()?.parse().ok()?))
-        })
-        .collect()
-}
-
 /// What ran between two `command_calls`, without the health probe's PINGs,
 /// the test's own INFO, and the connection pool's check on checkout (UNWATCH).
 fn ran(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> HashMap<String, u64> {
@@ -116,13 +104,13 @@ async fn one_increment_of_100_deltas_is_one_round_trip_updating_every_bucket() {
 
     // Ten counters, each named ten times with amounts 1..=10, interleaved.
     let deltas: Vec<Delta> = (0..100).map(|i| delta(&format!("api:/e{}", i % 10), i / 10 + 1)).collect();
-    let before = command_calls(&redis).await;
+    let before = redis.command_calls().await;
     let t0 = redis_now(&redis).await;
     let started = std::time::Instant::now();
     let values = stats.increment(IncrementRequest { deltas }).await.unwrap().into_inner().values;
     println!("Increment of 100 deltas: {:?}", started.elapsed());
     let t1 = redis_now(&redis).await;
-    let after = command_calls(&redis).await;
+    let after = redis.command_calls().await;
 
     // One script call, and inside it one INCRBY per bucket and total.
     let ran = ran(&before, &after);
@@ -216,9 +204,9 @@ async fn get_series_is_zero_filled_oldest_first_in_one_round_trip() {
     let now = redis_now(&redis).await;
     let bucket = now - now % MINUTE;
 
-    let before = command_calls(&redis).await;
+    let before = redis.command_calls().await;
     let got = stats.get_series(series("api:/users", Granularity::Minute, now - 9 * MINUTE, now)).await.unwrap();
-    assert_eq!(ran(&before, &command_calls(&redis).await), expect(&[("mget", 1)]));
+    assert_eq!(ran(&before, &redis.command_calls().await), expect(&[("mget", 1)]));
     let got = got.into_inner();
     let starts: Vec<i64> = got.buckets.iter().map(|b| ms_of(&b.start)).collect();
     assert_eq!(starts, (0..10).rev().map(|i| bucket - i * MINUTE).collect::<Vec<_>>());
@@ -455,9 +443,9 @@ async fn count_unique_is_the_union_of_days_within_2_percent() {
     println!("120 AddUnique calls of 1,000 members: {:?}", started.elapsed());
 
     let request = |start, end| CountUniqueRequest { name: "visitors".into(), start: ts(start), end: ts(end) };
-    let before = command_calls(&redis).await;
+    let before = redis.command_calls().await;
     let count = stats.count_unique(request(today - 2 * DAY + 5, today + 5)).await.unwrap().into_inner().count;
-    assert_eq!(ran(&before, &command_calls(&redis).await), expect(&[("pfcount", 1)]));
+    assert_eq!(ran(&before, &redis.command_calls().await), expect(&[("pfcount", 1)]));
     println!("CountUnique over 3 days: {count} (exact 100000)");
     assert!((98_000..=102_000).contains(&count), "{count}");
 

@@ -8,6 +8,7 @@
 #![allow(dead_code)]
 
 use std::{
+    collections::HashMap,
     net::TcpListener as StdListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -76,6 +77,50 @@ impl RedisServer {
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .expect("connect to test redis")
+    }
+
+    /// Calls per command so far, from INFO commandstats (commands run inside
+    /// scripts included).
+    pub async fn command_calls(&self) -> HashMap<String, u64> {
+        let mut conn = self.client().await;
+        let info: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.expect("INFO");
+        info.lines()
+            .filter_map(|line| {
+                let (name, rest) = line.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+                Some((name.to_string(), rest.split(',').next()?.parse().ok()?))
+            })
+            .collect()
+    }
+
+    /// How many times Redis has run `command` (lower case, e.g. `evalsha`).
+    pub async fn calls(&self, command: &str) -> u64 {
+        self.command_calls().await.get(command).copied().unwrap_or(0)
+    }
+
+    /// Blocks Redis with `DEBUG SLEEP seconds` (a slow Redis, not a dead
+    /// one) and returns once it has taken hold; the handle ends when Redis
+    /// answers again.
+    pub async fn stall(&self, seconds: f64) -> tokio::task::JoinHandle<()> {
+        let mut sleeper = self.client().await;
+        let mut probe = self.client().await;
+        let stall = tokio::spawn(async move {
+            let _: redis::RedisResult<()> =
+                redis::cmd("DEBUG").arg("SLEEP").arg(seconds).query_async(&mut sleeper).await;
+        });
+        let stalled = async {
+            loop {
+                let ping = redis::cmd("PING");
+                if tokio::time::timeout(Duration::from_millis(50), ping.query_async::<String>(&mut probe))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), stalled).await.expect("DEBUG SLEEP never took hold");
+        stall
     }
 
     /// Kills the server (as a crash would) and waits for it to be gone.
