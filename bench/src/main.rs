@@ -143,12 +143,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             .spawn()?,
     );
     let clients = Arc::new(Clients::connect(grpc_port, &redis_url, args.connections).await?);
-    clients.prepare().await?;
 
     let mut points = Vec::new();
     for &callers in &args.callers {
         for target in Target::ALL {
-            if !clients.available(*target).await {
+            if !clients.available(*target) {
                 continue;
             }
             let point = measure(&clients, *target, callers, args.warmup, args.duration).await?;

@@ -1,28 +1,40 @@
-//! What the benchmark calls: each service RPC and its two floors.
+//! What the benchmark calls: each service RPC, and its two floors.
+//!
+//! The Redis floor runs the service's own store layer inside the benchmark
+//! process: the same scripts with the same arguments over the same kind of
+//! multiplexed connections, minus gRPC and the service process.
 
 use std::{sync::Arc, time::Instant};
 
 use cachecoord::{
+    calendar::Calendar,
+    config::Config,
     keys::Keys,
     proto::{
-        AcquireRequest, GetManyRequest, GetRequest, ReleaseRequest, SetRequest,
-        cache_service_client::CacheServiceClient, lock_service_client::LockServiceClient,
+        self, AcquireRequest, GetManyRequest, GetRequest, GetSessionRequest, IncrementRequest, ReleaseRequest,
+        SetRequest, cache_service_client::CacheServiceClient, lock_service_client::LockServiceClient,
+        rate_limit_service_client::RateLimitServiceClient, session_service_client::SessionServiceClient,
+        stats_service_client::StatsServiceClient,
+    },
+    store::{
+        Redis,
+        cache::{CacheStore, Condition, Write},
+        rate_limit::{Algorithm, Limit, RateLimitStore},
+        session::SessionStore,
+        stats::{Retention, StatsStore},
     },
 };
-use deadpool_redis::redis::{self, Script, aio::MultiplexedConnection};
+use clap::Parser as _;
 use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-/// The scripts the service runs, sent directly for the Redis floor.
-const GET_LUA: &str = include_str!("../../src/store/lua/get.lua");
-const SET_LUA: &str =
-    concat!(include_str!("../../src/store/lua/cache_lib.lua"), include_str!("../../src/store/lua/set.lua"));
-
 /// Keys the benchmark preloads.
 const HOT_KEY: &str = "hot";
 const MANY: usize = 100;
-const PREFIX: &str = "bench";
+/// A token bucket that never runs dry: the benchmark measures the check, not denials.
+const LIMIT: u64 = 1 << 40;
+const PERIOD_MS: u64 = 1_000;
 
 /// A thing to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +47,13 @@ pub enum Target {
     DirectSet,
     CacheGetMany,
     DirectGetMany,
+    RateLimitCheck,
+    DirectRateLimitCheck,
+    LockAcquireRelease,
+    StatsIncrement,
+    DirectStatsIncrement,
+    SessionGet,
+    DirectSessionGet,
 }
 
 impl Target {
@@ -47,17 +66,31 @@ impl Target {
         Target::DirectSet,
         Target::CacheGetMany,
         Target::DirectGetMany,
+        Target::RateLimitCheck,
+        Target::DirectRateLimitCheck,
+        Target::LockAcquireRelease,
+        Target::StatsIncrement,
+        Target::DirectStatsIncrement,
+        Target::SessionGet,
+        Target::DirectSessionGet,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Target::Echo => "echo (Health/Check)",
             Target::CacheGet => "Cache.Get (100 B hit)",
-            Target::DirectGet => "direct get.lua",
+            Target::DirectGet => "direct cache get",
             Target::CacheSet => "Cache.Set (100 B)",
-            Target::DirectSet => "direct set.lua",
+            Target::DirectSet => "direct cache set",
             Target::CacheGetMany => "Cache.GetMany (100 keys)",
-            Target::DirectGetMany => "direct get.lua (100 keys)",
+            Target::DirectGetMany => "direct cache get (100 keys)",
+            Target::RateLimitCheck => "RateLimit.Check (token bucket)",
+            Target::DirectRateLimitCheck => "direct rate-limit check",
+            Target::LockAcquireRelease => "Lock.Acquire+Release (2 RPCs)",
+            Target::StatsIncrement => "Stats.Increment (1 delta)",
+            Target::DirectStatsIncrement => "direct stats increment",
+            Target::SessionGet => "Session.GetSession",
+            Target::DirectSessionGet => "direct session get",
         }
     }
 
@@ -71,49 +104,67 @@ impl Target {
             Target::CacheGet => Some(Target::DirectGet),
             Target::CacheSet => Some(Target::DirectSet),
             Target::CacheGetMany => Some(Target::DirectGetMany),
+            Target::RateLimitCheck => Some(Target::DirectRateLimitCheck),
+            Target::StatsIncrement => Some(Target::DirectStatsIncrement),
+            Target::SessionGet => Some(Target::DirectSessionGet),
             _ => None,
         }
     }
 }
 
-/// Connections shared by all callers.
+/// Connections and stores shared by all callers.
 pub struct Clients {
     /// HTTP/2 connections to the service; caller i uses i % n.
     channels: Vec<Channel>,
-    /// Multiplexed Redis connections for the floor; caller i uses i % n.
-    redis: Vec<MultiplexedConnection>,
-    keys: Keys,
-    get: Script,
-    set: Script,
+    cache: CacheStore,
+    rate_limit: RateLimitStore,
+    stats: StatsStore,
+    sessions: SessionStore,
+    /// A session created for GetSession.
+    session_id: String,
     value: Vec<u8>,
+    /// Services that answered UNIMPLEMENTED when prepared.
+    lock_available: bool,
 }
 
 impl Clients {
-    /// Connects `connections` channels and Redis connections, waiting for the
-    /// service to come up.
+    /// Connects `connections` channels to the service and the stores to
+    /// Redis (a pool of `connections` multiplexed connections), waits for
+    /// the service to be SERVING, and preloads what is read.
     pub async fn connect(grpc_port: u16, redis_url: &str, connections: usize) -> Result<Self, String> {
         let mut channels = Vec::new();
         for _ in 0..connections.max(1) {
             let endpoint = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}")).map_err(|e| e.to_string())?;
             channels.push(connect_retrying(endpoint).await?);
         }
-        let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
-        let mut redis = Vec::new();
-        for _ in 0..connections.max(1) {
-            redis.push(client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?);
-        }
-        Ok(Self {
+        let pool = connections.max(1).to_string();
+        let args = ["cachecoord", "--redis-url", redis_url, "--key-prefix", "bench", "--redis-pool-size", &pool];
+        let config = Config::try_parse_from(args).map_err(|e| e.to_string())?;
+        let redis = Redis::new(&config)?;
+        let keys = Keys::new(&config.key_prefix);
+        let calendar = Calendar::new(jiff::tz::TimeZone::UTC);
+        let retention = Retention {
+            minute: config.stats_retention_minute,
+            hour: config.stats_retention_hour,
+            day: config.stats_retention_day,
+        };
+        let stats = StatsStore::new(redis.clone(), keys.clone(), calendar, retention, config.stats_active_window_max);
+        let sessions = SessionStore::new(redis.clone(), keys.clone(), 0, config.max_value_bytes, config.max_ttl);
+        let mut clients = Self {
             channels,
-            redis,
-            keys: Keys::new(PREFIX),
-            get: Script::new(GET_LUA),
-            set: Script::new(SET_LUA),
+            cache: CacheStore::new(redis.clone(), keys.clone()),
+            rate_limit: RateLimitStore::new(redis, keys),
+            stats,
+            sessions,
+            session_id: String::new(),
             value: vec![b'x'; 100],
-        })
+            lock_available: false,
+        };
+        clients.prepare().await?;
+        Ok(clients)
     }
 
-    /// Waits for SERVING and preloads the keys that are read.
-    pub async fn prepare(&self) -> Result<(), String> {
+    async fn prepare(&mut self) -> Result<(), String> {
         let mut health = HealthClient::new(self.channels[0].clone());
         for _ in 0..500 {
             let status = health.check(HealthCheckRequest { service: String::new() }).await;
@@ -128,12 +179,21 @@ impl Clients {
         for i in 0..MANY {
             cache.set(set(format!("many:{i}"))).await.map_err(|e| e.to_string())?;
         }
+        let mut sessions = SessionServiceClient::new(self.channels[0].clone());
+        let created = sessions
+            .create_session(proto::CreateSessionRequest { user_id: "bench".into(), data: None, ttl: None })
+            .await
+            .map_err(|e| e.to_string())?;
+        self.session_id = created.into_inner().session.map(|s| s.session_id).unwrap_or_default();
+        let mut locks = LockServiceClient::new(self.channels[0].clone());
+        let probe = locks.inspect(proto::InspectRequest { name: "probe".into() }).await;
+        self.lock_available = !matches!(probe, Err(ref status) if status.code() == tonic::Code::Unimplemented);
         Ok(())
     }
 
     /// True when the service implements what `target` calls.
-    pub async fn available(&self, _target: Target) -> bool {
-        true
+    pub fn available(&self, target: Target) -> bool {
+        target != Target::LockAcquireRelease || self.lock_available
     }
 
     pub fn worker(self: &Arc<Self>, target: Target, caller: usize) -> Worker {
@@ -142,9 +202,12 @@ impl Clients {
             target,
             clients: Arc::clone(self),
             cache: CacheServiceClient::new(channel.clone()),
+            rate_limit: RateLimitServiceClient::new(channel.clone()),
+            locks: LockServiceClient::new(channel.clone()),
+            stats: StatsServiceClient::new(channel.clone()),
+            sessions: SessionServiceClient::new(channel.clone()),
             health: HealthClient::new(channel),
-            redis: self.redis[caller % self.redis.len()].clone(),
-            own_key: format!("set:{caller}"),
+            own_key: format!("caller:{caller}"),
             many: (0..MANY).map(|i| format!("many:{i}")).collect(),
         }
     }
@@ -162,14 +225,21 @@ async fn connect_retrying(endpoint: tonic::transport::Endpoint) -> Result<Channe
     Err(format!("service did not come up: {last}"))
 }
 
+fn ms(ms: u64) -> Option<prost_types::Duration> {
+    Some(prost_types::Duration { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 })
+}
+
 /// One caller's state.
 pub struct Worker {
     target: Target,
     clients: Arc<Clients>,
     cache: CacheServiceClient<Channel>,
+    rate_limit: RateLimitServiceClient<Channel>,
+    locks: LockServiceClient<Channel>,
+    stats: StatsServiceClient<Channel>,
+    sessions: SessionServiceClient<Channel>,
     health: HealthClient<Channel>,
-    redis: MultiplexedConnection,
-    /// This caller's key for writes, so writers do not contend.
+    /// This caller's own key or name, so callers do not contend.
     own_key: String,
     /// The GetMany keys.
     many: Vec<String>,
@@ -178,45 +248,79 @@ pub struct Worker {
 impl Worker {
     /// One call; errors end the run.
     pub async fn call(&mut self) -> Result<(), String> {
-        let clients = &self.clients;
+        let c = &self.clients;
+        let err = |e: &dyn std::fmt::Display| e.to_string();
         match self.target {
             Target::Echo => {
-                self.health.check(HealthCheckRequest { service: String::new() }).await.map_err(|e| e.to_string())?;
+                self.health.check(HealthCheckRequest { service: String::new() }).await.map_err(|e| err(&e))?;
             }
             Target::CacheGet => {
-                let found = self.cache.get(GetRequest { key: HOT_KEY.into() }).await.map_err(|e| e.to_string())?;
+                let found = self.cache.get(GetRequest { key: HOT_KEY.into() }).await.map_err(|e| err(&e))?;
                 if !found.into_inner().found {
                     return Err("hot key missing".into());
                 }
             }
             Target::DirectGet => {
-                let mut call = clients.get.prepare_invoke();
-                call.key(clients.keys.cache_entry(HOT_KEY));
-                let _: Vec<(Option<Vec<u8>>, i64)> =
-                    call.invoke_async(&mut self.redis).await.map_err(|e| e.to_string())?;
+                c.cache.get_many(&[HOT_KEY.to_string()]).await.map_err(|e| err(&e))?;
             }
             Target::CacheSet => {
-                let request =
-                    SetRequest { key: self.own_key.clone(), value: clients.value.clone(), ..Default::default() };
-                self.cache.set(request).await.map_err(|e| e.to_string())?;
+                let request = SetRequest { key: self.own_key.clone(), value: c.value.clone(), ..Default::default() };
+                self.cache.set(request).await.map_err(|e| err(&e))?;
             }
             Target::DirectSet => {
-                let mut call = clients.set.prepare_invoke();
-                call.key(clients.keys.cache_entry(&self.own_key));
-                call.arg(format!("{PREFIX}:fills")).arg(&clients.value).arg(3_600_000).arg("");
-                let _: i64 = call.invoke_async(&mut self.redis).await.map_err(|e| e.to_string())?;
+                let write =
+                    Write { key: &self.own_key, value: &c.value, ttl: std::time::Duration::from_secs(3600), tags: &[] };
+                c.cache.set(&write, Condition::Always).await.map_err(|e| err(&e))?;
             }
             Target::CacheGetMany => {
-                let request = GetManyRequest { keys: self.many.clone() };
-                self.cache.get_many(request).await.map_err(|e| e.to_string())?;
+                self.cache.get_many(GetManyRequest { keys: self.many.clone() }).await.map_err(|e| err(&e))?;
             }
             Target::DirectGetMany => {
-                let mut call = clients.get.prepare_invoke();
-                for key in &self.many {
-                    call.key(clients.keys.cache_entry(key));
+                c.cache.get_many(&self.many).await.map_err(|e| err(&e))?;
+            }
+            Target::RateLimitCheck => {
+                let limit = proto::Limit {
+                    key: self.own_key.clone(),
+                    limit: LIMIT,
+                    period: ms(PERIOD_MS),
+                    algorithm: proto::Algorithm::TokenBucket.into(),
+                    burst: None,
+                };
+                let request = proto::CheckRequest { limits: vec![limit], cost: None, peek: false };
+                self.rate_limit.check(request).await.map_err(|e| err(&e))?;
+            }
+            Target::DirectRateLimitCheck => {
+                let limit = Limit {
+                    key: &self.own_key,
+                    limit: LIMIT,
+                    period_ms: PERIOD_MS,
+                    algorithm: Algorithm::TokenBucket,
+                    burst: LIMIT,
+                };
+                c.rate_limit.check(&[limit], 1, false).await.map_err(|e| err(&e))?;
+            }
+            Target::LockAcquireRelease => {
+                let name = self.own_key.clone();
+                let acquire = AcquireRequest { name: name.clone(), ttl: ms(30_000), wait: None, owner: "bench".into() };
+                let lease_id = self.locks.acquire(acquire).await.map_err(|e| err(&e))?.into_inner().lease_id;
+                self.locks.release(ReleaseRequest { name, lease_id }).await.map_err(|e| err(&e))?;
+            }
+            Target::StatsIncrement => {
+                let delta = proto::Delta { name: self.own_key.clone(), amount: None };
+                self.stats.increment(IncrementRequest { deltas: vec![delta] }).await.map_err(|e| err(&e))?;
+            }
+            Target::DirectStatsIncrement => {
+                c.stats.increment(&[(&self.own_key, 1)]).await.map_err(|e| err(&e))?;
+            }
+            Target::SessionGet => {
+                let request = GetSessionRequest { session_id: c.session_id.clone(), touch: false };
+                let found = self.sessions.get_session(request).await.map_err(|e| err(&e))?.into_inner().found;
+                if !found {
+                    return Err("bench session missing".into());
                 }
-                let _: Vec<(Option<Vec<u8>>, i64)> =
-                    call.invoke_async(&mut self.redis).await.map_err(|e| e.to_string())?;
+            }
+            Target::DirectSessionGet => {
+                c.sessions.get(&c.session_id, false, None).await.map_err(|e| err(&e))?;
             }
         }
         Ok(())
@@ -227,18 +331,11 @@ impl Worker {
 /// timed at the client from just before Release is sent until the waiter's
 /// Acquire answers. `None` when the service has no LockService yet.
 pub async fn lock_handoff(clients: &Arc<Clients>, rounds: usize) -> Result<Option<(f64, f64)>, String> {
-    let channel = clients.channels[0].clone();
-    let mut holder = LockServiceClient::new(channel.clone());
-    let ms = |ms: i64| Some(prost_types::Duration { seconds: ms / 1000, nanos: ((ms % 1000) * 1_000_000) as i32 });
-    let acquire = |wait| AcquireRequest { name: "handoff".into(), ttl: ms(30_000), wait, owner: "bench".into() };
-    match holder.acquire(acquire(None)).await {
-        Err(status) if status.code() == tonic::Code::Unimplemented => return Ok(None),
-        Err(status) => return Err(status.to_string()),
-        Ok(first) => {
-            let lease_id = first.into_inner().lease_id;
-            holder.release(ReleaseRequest { name: "handoff".into(), lease_id }).await.map_err(|e| e.to_string())?;
-        }
+    if !clients.lock_available {
+        return Ok(None);
     }
+    let mut holder = LockServiceClient::new(clients.channels[0].clone());
+    let acquire = |wait| AcquireRequest { name: "handoff".into(), ttl: ms(30_000), wait, owner: "bench".into() };
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string())?;
     let mut lease_id = holder.acquire(acquire(None)).await.map_err(|e| e.to_string())?.into_inner().lease_id;
     for _ in 0..rounds {
