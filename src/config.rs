@@ -52,6 +52,10 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_CACHE_FILL_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub cache_fill_timeout: Duration,
 
+    /// Lease of a lock acquired or extended without a TTL.
+    #[arg(long, env = "CACHECOORD_LOCK_DEFAULT_TTL", default_value = "30s", value_parser = duration)]
+    pub lock_default_ttl: Duration,
+
     /// Longest key, name or tag, in bytes.
     #[arg(long, env = "CACHECOORD_MAX_KEY_BYTES", default_value_t = 512)]
     pub max_key_bytes: usize,
@@ -117,6 +121,10 @@ impl Config {
         check(
             !self.cache_fill_timeout.is_zero() && self.cache_fill_timeout <= self.max_ttl,
             "--cache-fill-timeout must be positive and at most --max-ttl",
+        );
+        check(
+            self.lock_default_ttl >= Duration::from_millis(1) && self.lock_default_ttl <= self.max_ttl,
+            "--lock-default-ttl must be at least 1ms and at most --max-ttl",
         );
         check(
             self.max_message_bytes >= self.max_value_bytes + 64 * 1024,

@@ -40,6 +40,24 @@ impl Keys {
     pub fn cache_fill_channel(&self) -> String {
         format!("{}:fills", self.prefix)
     }
+
+    /// A held lock (hash: `lease`, `owner`, `token`), expiring with its lease.
+    /// Its fencing counter is `<lock>:fence`.
+    pub fn lock(&self, name: &str) -> String {
+        format!("{}:lock:{{{name}}}", self.prefix)
+    }
+
+    /// The fencing counter of a lock name (string, integer). Never expires:
+    /// it must outlive every lease, so one such key stays per name ever used.
+    pub fn lock_fence(&self, name: &str) -> String {
+        format!("{}:lock:{{{name}}}:fence", self.prefix)
+    }
+
+    /// The pub/sub channel that announces released locks; the message is the
+    /// lock key.
+    pub fn lock_channel(&self) -> String {
+        format!("{}:locks", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -53,5 +71,8 @@ mod tests {
         assert_eq!(keys.cache_lease("user:1"), "cc:c:{user:1}:lease");
         assert_eq!(keys.cache_tag("users"), "cc:tag:{users}");
         assert_eq!(keys.cache_fill_channel(), "cc:fills");
+        assert_eq!(keys.lock("job"), "cc:lock:{job}");
+        assert_eq!(keys.lock_fence("job"), "cc:lock:{job}:fence");
+        assert_eq!(keys.lock_channel(), "cc:locks");
     }
 }

@@ -8,7 +8,7 @@ use tonic_health::ServingStatus;
 use tower_http::trace::TraceLayer;
 
 use crate::{
-    api::{Limits, cache::CacheApi, pending::Pending},
+    api::{Limits, cache::CacheApi, lock::LockApi, pending::Pending},
     config::Config,
     health,
     keys::Keys,
@@ -17,7 +17,7 @@ use crate::{
         rate_limit_service_server::RateLimitServiceServer, session_service_server::SessionServiceServer,
         stats_service_server::StatsServiceServer,
     },
-    store::{Redis, cache::CacheStore},
+    store::{Redis, cache::CacheStore, lock::LockStore},
 };
 
 /// Serves on `listener` until `shutdown` resolves, then reports NOT_SERVING,
@@ -43,6 +43,7 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
+    let locks = LockApi::new(LockStore::new(redis.clone(), keys.clone()), limits.clone(), config.lock_default_ttl);
     let cache = CacheApi::new(
         CacheStore::new(redis.clone(), keys.clone()),
         limits,
@@ -86,7 +87,7 @@ pub async fn run(
         .add_service(sized!(CacheServiceServer::new(cache)))
         .add_service(sized!(SessionServiceServer::new(Pending)))
         .add_service(sized!(RateLimitServiceServer::new(Pending)))
-        .add_service(sized!(LockServiceServer::new(Pending)))
+        .add_service(sized!(LockServiceServer::new(locks)))
         .add_service(sized!(StatsServiceServer::new(Pending)))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopping_rx.wait_for(|stopping| *stopping).await;

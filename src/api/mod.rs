@@ -3,6 +3,7 @@
 //! sees prost types.
 
 pub mod cache;
+pub mod lock;
 pub mod pending;
 
 use std::time::Duration;

@@ -2,8 +2,8 @@
 //! through the default methods `build.rs` generates.
 
 use crate::proto::{
-    lock_service_server::LockService, rate_limit_service_server::RateLimitService,
-    session_service_server::SessionService, stats_service_server::StatsService,
+    rate_limit_service_server::RateLimitService, session_service_server::SessionService,
+    stats_service_server::StatsService,
 };
 
 /// Placeholder for a service not implemented yet.
@@ -12,5 +12,4 @@ pub struct Pending;
 
 impl SessionService for Pending {}
 impl RateLimitService for Pending {}
-impl LockService for Pending {}
 impl StatsService for Pending {}

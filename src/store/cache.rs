@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use deadpool_redis::redis::{Script, Value};
 use tokio::time::Instant;
 
-use super::{Redis, fills::FillWaiters};
+use super::{Redis, wake::Waiters};
 use crate::{
     error::{Error, Result},
     keys::Keys,
@@ -67,7 +67,7 @@ pub struct CacheStore {
     keys: Keys,
     /// Where lease ends are announced (the `<prefix>:fills` channel).
     channel: String,
-    waiters: Arc<FillWaiters>,
+    waiters: Arc<Waiters>,
     scripts: Scripts,
     /// Keeps the fill listener alive exactly as long as the store.
     listener: tokio::task::JoinHandle<()>,
@@ -96,7 +96,7 @@ impl CacheStore {
     /// A store under `keys`, listening for fill events.
     pub fn new(redis: Redis, keys: Keys) -> Self {
         let channel = keys.cache_fill_channel();
-        let waiters = Arc::new(FillWaiters::default());
+        let waiters = Arc::new(Waiters::default());
         let listener = Arc::clone(&waiters).listen(redis.clone(), channel.clone());
         let scripts = Scripts {
             get: Script::new(include_str!("lua/get.lua")),

@@ -6,7 +6,8 @@
 //! that service's operations and scripts.
 
 pub mod cache;
-mod fills;
+pub mod lock;
+mod wake;
 
 use std::{future::Future, time::Duration};
 
