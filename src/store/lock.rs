@@ -8,7 +8,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use deadpool_redis::redis::{Script, Value};
+use deadpool_redis::redis::{Script, Value, aio::MultiplexedConnection};
 use tokio::time::Instant;
 
 use super::{Redis, wake::Waiters};
@@ -145,12 +145,13 @@ impl LockStore {
     ) -> Result<Attempt> {
         let mut call = self.scripts.acquire.prepare_invoke();
         call.key(key).key(fence).arg(lease_id).arg(owner).arg(millis(ttl));
+        let mut conn = self.redis.connection().await?;
+        let guard = ReleaseOnDrop { store: Arc::clone(self), key, lease_id, conn: Some((*conn).clone()) };
         let sent = Instant::now();
-        let mut guard = ReleaseOnDrop { store: Arc::clone(self), key, lease_id, armed: true };
         // On an error (a timeout) the script may still run later: the guard
         // stays armed and releases it.
-        let reply: Vec<Value> = self.redis.invoke(&call).await?;
-        guard.armed = false;
+        let reply: Vec<Value> = self.redis.invoke_on(&mut conn, &call).await?;
+        guard.disarm();
         match reply.as_slice() {
             [Value::Int(1), Value::Int(token)] => Ok(Attempt::Taken(Grant {
                 lease_id: lease_id.to_string(),
@@ -166,12 +167,8 @@ impl LockStore {
 
     /// Releases the lease; false when it is not the holder's.
     pub async fn release(&self, name: &str, lease_id: &str) -> Result<bool> {
-        self.release_key(&self.keys.lock(name), lease_id).await
-    }
-
-    async fn release_key(&self, key: &str, lease_id: &str) -> Result<bool> {
         let mut call = self.scripts.release.prepare_invoke();
-        call.key(key).arg(lease_id).arg(&self.channel);
+        call.key(self.keys.lock(name)).arg(lease_id).arg(&self.channel);
         let released: i64 = self.redis.invoke(&call).await?;
         Ok(released == 1)
     }
@@ -204,27 +201,36 @@ impl LockStore {
 }
 
 /// Releases an attempt's lease if the attempt is dropped before its reply
-/// arrived (the caller gave up while the script was in flight). Releasing a
-/// lease that was never granted is a no-op.
+/// arrived (the caller gave up while the script was in flight, or Redis did
+/// not answer in time). The release goes out on the attempt's own connection,
+/// so Redis runs it after the acquire script, never before; releasing a lease
+/// that was never granted is a no-op.
 struct ReleaseOnDrop<'a> {
     store: Arc<LockStore>,
     key: &'a str,
     lease_id: &'a str,
-    /// Cleared once the reply is in: from then on the caller owns the outcome.
-    armed: bool,
+    /// The attempt's connection (a clone shares it); `None` once disarmed.
+    conn: Option<MultiplexedConnection>,
+}
+
+impl ReleaseOnDrop<'_> {
+    /// The reply is in: from here on the caller owns the outcome.
+    fn disarm(mut self) {
+        self.conn = None;
+    }
 }
 
 impl Drop for ReleaseOnDrop<'_> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
+        let Some(mut conn) = self.conn.take() else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let (store, key, lease_id) = (Arc::clone(&self.store), self.key.to_string(), self.lease_id.to_string());
         runtime.spawn(async move {
-            match store.release_key(&key, &lease_id).await {
-                Ok(true) => tracing::debug!(%key, "released a lock its caller gave up on"),
-                Ok(false) => {}
+            let mut call = store.scripts.release.prepare_invoke();
+            call.key(&key).arg(&lease_id).arg(&store.channel);
+            match store.redis.invoke_on::<i64>(&mut conn, &call).await {
+                Ok(1) => tracing::debug!(%key, "released a lock its caller gave up on"),
+                Ok(_) => {}
                 // The lease then ends with its TTL.
                 Err(err) => tracing::warn!(%err, %key, "could not release a lock its caller gave up on"),
             }

@@ -63,6 +63,23 @@ impl Redis {
         .await
     }
 
+    /// Checks a connection out of the pool, for a caller that must send a
+    /// follow-up on the same connection as a call it may abandon: one
+    /// connection delivers its commands in order.
+    pub async fn connection(&self) -> Result<deadpool_redis::Connection> {
+        self.bounded(async { Ok(self.pool.get().await?) }).await
+    }
+
+    /// Runs a script on `conn` (from [`Redis::connection`], or a clone of
+    /// one), bounded like [`Redis::invoke`].
+    pub async fn invoke_on<T: FromRedisValue>(
+        &self,
+        conn: &mut (impl redis::aio::ConnectionLike + Send),
+        script: &ScriptInvocation<'_>,
+    ) -> Result<T> {
+        self.bounded(async { Ok(script.invoke_async(conn).await?) }).await
+    }
+
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
         self.bounded(async {

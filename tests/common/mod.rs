@@ -34,6 +34,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Keeps its data across `restart` (AOF, fsync on every write).
+    persistent: bool,
 }
 
 impl RedisServer {
@@ -41,7 +43,17 @@ impl RedisServer {
     pub async fn start() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
-        let mut server = Self { port, dir, child: None };
+        let mut server = Self { port, dir, child: None, persistent: false };
+        server.spawn().await;
+        server
+    }
+
+    /// Like `start`, but with an append-only file synced on every write, so
+    /// `stop`/`restart` (a crash) keeps every acknowledged write.
+    pub async fn start_persistent() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let mut server = Self { port, dir, child: None, persistent: true };
         server.spawn().await;
         server
     }
@@ -78,8 +90,12 @@ impl RedisServer {
     }
 
     async fn spawn(&mut self) {
+        // A later option overrides an earlier one.
+        let persistence: &[&str] =
+            if self.persistent { &["--appendonly", "yes", "--appendfsync", "always"] } else { &[] };
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(persistence)
             // DEBUG SLEEP lets fault tests make Redis slow.
             .args(["--enable-debug-command", "yes"])
             .arg("--dir")
