@@ -87,7 +87,7 @@ pub async fn run(
         .add_service(sized!(CacheServiceServer::new(cache)))
         .add_service(sized!(SessionServiceServer::new(Pending)))
         .add_service(sized!(RateLimitServiceServer::new(Pending)))
-        .add_service(sized!(LockServiceServer::new(locks)))
+        .add_service(sized!(LockServiceServer::new(locks.until_stopping(stopping_rx.clone()))))
         .add_service(sized!(StatsServiceServer::new(Pending)))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopping_rx.wait_for(|stopping| *stopping).await;

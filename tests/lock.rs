@@ -604,3 +604,24 @@ async fn bad_input_is_rejected_and_writes_nothing() {
     let ttl = as_std(inspect(&mut locks, "default").await.ttl_remaining);
     assert!(default.acquired && ttl > Duration::from_secs(25) && ttl <= Duration::from_secs(30), "{ttl:?}");
 }
+
+#[tokio::test]
+async fn shutdown_releases_held_streams_and_ends_waits() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let other = TestServer::start_sibling(&redis, &server).await;
+    let mut locks = server.locks();
+    let (_tx, mut events) = hold(&mut locks, hold_request("s", 60_000, 0)).await.unwrap();
+    assert_eq!(event(&next_event(&mut events).await), HoldEvent::Acquired);
+    let before = script_calls(&redis).await;
+    let mut waiter_locks = server.locks();
+    let waiter = tokio::spawn(async move { waiter_locks.acquire(acquire("s", 60_000, 30_000)).await });
+    wait_for_script_calls(&redis, before + 2).await;
+
+    server.shutdown().await;
+    let status = events.message().await.expect_err("the stream ends with UNAVAILABLE");
+    assert_eq!(status.code(), Code::Unavailable);
+    // The waiter gave up rather than taking the lock the stream let go of.
+    assert!(!waiter.await.unwrap().expect("answered").into_inner().acquired);
+    assert!(!inspect(&mut other.locks(), "s").await.held, "released, not left to expire");
+}

@@ -2,7 +2,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::{sync::mpsc, time::Instant};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -28,6 +31,9 @@ pub struct LockApi {
     limits: Limits,
     /// Lease of a lock acquired or extended without a TTL.
     default_ttl: Duration,
+    /// Turns true as shutdown begins: waits give up and Hold streams release,
+    /// so that draining does not wait for them.
+    stopping: watch::Receiver<bool>,
 }
 
 /// A validated Acquire or Hold request.
@@ -42,7 +48,12 @@ struct Want<'a> {
 impl LockApi {
     /// Handlers over `store`.
     pub fn new(store: LockStore, limits: Limits, default_ttl: Duration) -> Self {
-        Self { store: Arc::new(store), limits, default_ttl }
+        Self { store: Arc::new(store), limits, default_ttl, stopping: watch::channel(false).1 }
+    }
+
+    /// Ends waits and Hold streams once `stopping` turns true.
+    pub fn until_stopping(self, stopping: watch::Receiver<bool>) -> Self {
+        Self { stopping, ..self }
     }
 
     fn name(&self, name: &str) -> Result<(), Status> {
@@ -84,10 +95,18 @@ impl LockApi {
         Ok(Want { name, owner, ttl, wait })
     }
 
-    /// Acquires as asked, waiting at most `wait` from `arrived`.
+    /// Acquires as asked, waiting at most `wait` from `arrived`; a wait
+    /// ends unsuccessfully when shutdown begins.
     async fn acquire_wanted(&self, want: &Want<'_>, arrived: Instant) -> Result<Option<Grant>, Status> {
         let deadline = (!want.wait.is_zero()).then(|| arrived + want.wait);
-        Ok(self.store.acquire(want.name, want.owner, want.ttl, deadline).await?)
+        tokio::select! {
+            // Shutdown first: a wait must not take a lock that a Hold stream
+            // let go of because of that same shutdown.
+            biased;
+            // Dropping the acquire lets go of anything it was taking.
+            () = stopped(self.stopping.clone()) => Ok(None),
+            grant = self.store.acquire(want.name, want.owner, want.ttl, deadline) => Ok(grant?),
+        }
     }
 }
 
@@ -186,7 +205,14 @@ impl LockService for LockApi {
             fencing_token: grant.fencing_token,
             valid_for: Some(to_proto_duration(valid_for(grant.lease_floor, arrived))),
         }));
-        let holding = Holding { store: Arc::clone(&self.store), name: want.name.to_string(), ttl: want.ttl, grant, tx };
+        let holding = Holding {
+            store: Arc::clone(&self.store),
+            name: want.name.to_string(),
+            ttl: want.ttl,
+            grant,
+            tx,
+            stopping: self.stopping.clone(),
+        };
         tokio::spawn(holding.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -201,6 +227,8 @@ struct Holding {
     grant: Grant,
     /// The stream to the client; ends when this is dropped.
     tx: mpsc::Sender<Result<proto::HoldResponse, Status>>,
+    /// Shutdown: release and end the stream.
+    stopping: watch::Receiver<bool>,
 }
 
 impl Holding {
@@ -223,6 +251,9 @@ impl Holding {
                     Err(_) => None,
                 },
                 () = self.tx.closed() => break None,
+                () = stopped(self.stopping.clone()) => {
+                    break Some(Err(Status::unavailable("the service is shutting down; the lock was released")));
+                }
                 () = tokio::time::sleep_until(next_renewal) => {
                     match self.store.extend(&self.name, &self.grant.lease_id, self.ttl).await {
                         Ok(Some(floor)) => {
@@ -277,5 +308,12 @@ impl Holding {
                 valid_for: validity.map(to_proto_duration),
             }));
         }
+    }
+}
+
+/// Resolves once shutdown has begun; never, if nobody will signal it.
+async fn stopped(mut stopping: watch::Receiver<bool>) {
+    if stopping.wait_for(|stopping| *stopping).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
