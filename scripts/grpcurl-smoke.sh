@@ -51,4 +51,13 @@ expect "Cache/Get" '"value": "aGVsbG8="' \
   "$(grpcurl -plaintext -d '{"key":"smoke"}' "$addr" cachecoord.v1.CacheService/Get)"
 bad=$(grpcurl -plaintext -d '{"key":""}' "$addr" cachecoord.v1.CacheService/Get 2>&1 || true)
 expect "Cache/Get invalid" "InvalidArgument" "$bad"
+lock=$(grpcurl -plaintext -d '{"name":"smoke","ttl":"30s","owner":"smoke"}' "$addr" cachecoord.v1.LockService/Acquire)
+expect "Lock/Acquire" '"acquired": true' "$lock"
+lease=$(sed -n 's/.*"leaseId": "\([^"]*\)".*/\1/p' <<<"$lock")
+expect "Lock/Inspect" '"owner": "smoke"' \
+  "$(grpcurl -plaintext -d '{"name":"smoke"}' "$addr" cachecoord.v1.LockService/Inspect)"
+expect "Lock/Release" '"released": true' \
+  "$(grpcurl -plaintext -d "{\"name\":\"smoke\",\"lease_id\":\"$lease\"}" "$addr" cachecoord.v1.LockService/Release)"
+expect "Lock/Hold" 'HOLD_EVENT_ACQUIRED' \
+  "$(echo '{"name":"smoke","ttl":"30s"}' | grpcurl -plaintext -d @ "$addr" cachecoord.v1.LockService/Hold)"
 echo "grpcurl smoke: all checks passed"
