@@ -296,3 +296,25 @@ fn new_lease_id() -> String {
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validity_keeps_a_drift_margin_and_never_goes_negative() {
+        let from = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(valid_for(from + ms(1_000), from), ms(988));
+        assert_eq!(valid_for(from + ms(2), from), Duration::ZERO);
+        assert_eq!(valid_for(from, from + ms(5)), Duration::ZERO);
+    }
+
+    #[test]
+    fn lease_ids_are_128_bit_url_safe_and_fresh() {
+        let (a, b) = (new_lease_id(), new_lease_id());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}
