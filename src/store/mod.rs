@@ -63,9 +63,9 @@ impl Redis {
         .await
     }
 
-    /// Checks a connection out of the pool, for a caller that must send a
-    /// follow-up on the same connection as a call it may abandon: one
-    /// connection delivers its commands in order.
+    /// Checks a connection out of the pool, for a caller that keeps one of
+    /// its own (the lock store): one connection delivers its commands in
+    /// order, and using it again skips the PING of every pool checkout.
     pub async fn connection(&self) -> Result<deadpool_redis::Connection> {
         self.bounded(async { Ok(self.pool.get().await?) }).await
     }
