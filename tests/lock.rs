@@ -651,3 +651,27 @@ async fn shutdown_releases_held_streams_and_ends_waits() {
     assert!(!waiter.await.unwrap().expect("answered").into_inner().acquired);
     assert!(!inspect(&mut other.locks(), "s").await.held, "released, not left to expire");
 }
+
+#[tokio::test]
+async fn without_redis_calls_are_unavailable_and_a_hold_is_lost_when_its_lease_runs_out() {
+    let mut redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut locks = server.locks();
+    let (_tx, mut events) = hold(&mut locks, hold_request("r", 300, 0)).await.unwrap();
+    assert_eq!(event(&next_event(&mut events).await), HoldEvent::Acquired);
+
+    redis.stop();
+    let status = locks.acquire(acquire("other", 1_000, 0)).await.expect_err("no Redis");
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(locks.inspect(InspectRequest { name: "r".into() }).await.unwrap_err().code(), Code::Unavailable);
+    // Renewals fail; once the last confirmed validity is over, the holder
+    // must stop: the lease may have expired in Redis.
+    let lost = loop {
+        let response = next_event(&mut events).await;
+        if event(&response) != HoldEvent::Renewed {
+            break response;
+        }
+    };
+    assert_eq!((event(&lost), lost.acquired), (HoldEvent::Lost, false));
+    assert!(events.message().await.expect("ends with OK").is_none());
+}
