@@ -27,7 +27,9 @@ type HoldStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::Hol
 
 /// Lock RPC handlers.
 pub struct LockApi {
+    /// Shared with the Hold tasks.
     store: Arc<LockStore>,
+    /// Request limits.
     limits: Limits,
     /// Lease of a lock acquired or extended without a TTL.
     default_ttl: Duration,
@@ -38,8 +40,11 @@ pub struct LockApi {
 
 /// A validated Acquire or Hold request.
 struct Want<'a> {
+    /// The lock's name.
     name: &'a str,
+    /// The holder's label.
     owner: &'a str,
+    /// The lease's length, 1 ms ..= max TTL.
     ttl: Duration,
     /// Zero: try once.
     wait: Duration,
@@ -220,10 +225,13 @@ impl LockService for LockApi {
 
 /// A lease kept by an open Hold stream.
 struct Holding {
+    /// Where to renew and release.
     store: Arc<LockStore>,
+    /// The lock's name.
     name: String,
     /// The lease length each renewal sets.
     ttl: Duration,
+    /// The lease held: its id and token stay the same for the whole stream.
     grant: Grant,
     /// The stream to the client; ends when this is dropped.
     tx: mpsc::Sender<Result<proto::HoldResponse, Status>>,

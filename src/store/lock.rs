@@ -46,11 +46,15 @@ pub struct Holder {
 
 /// The Lock service's data in Redis.
 pub struct LockStore {
+    /// The bounded-time Redis handle.
     redis: Redis,
+    /// Key names under the prefix.
     keys: Keys,
     /// Where releases are announced (the `<prefix>:locks` channel).
     channel: String,
+    /// Local waiters by lock key, woken from the lock channel.
     waiters: Arc<Waiters>,
+    /// The lock scripts.
     scripts: Scripts,
     /// The connection every lock script goes out on, taken out of the pool
     /// once and replaced after a failure. A pool checkout costs a PING round
@@ -66,9 +70,13 @@ pub struct LockStore {
 
 /// Loaded once; EVALSHA'd per call.
 struct Scripts {
+    /// `lock_acquire.lua`: take if free, with a fresh fencing token.
     acquire: Script,
+    /// `lock_release.lua`: compare lease, delete, publish.
     release: Script,
+    /// `lock_extend.lua`: compare lease, re-expire.
     extend: Script,
+    /// `lock_inspect.lua`: the holder and its time left.
     inspect: Script,
 }
 
@@ -80,7 +88,9 @@ impl Drop for LockStore {
 
 /// One acquire attempt: taken, or held by someone else for this long.
 enum Attempt {
+    /// The lock is the caller's now.
     Taken(Grant),
+    /// Someone else holds it; its lease has this long left (`None`: no expiry).
     Held(Option<Duration>),
 }
 
@@ -242,8 +252,11 @@ impl LockStore {
 /// so Redis runs it after the acquire script, never before; releasing a lease
 /// that was never granted is a no-op.
 struct ReleaseOnDrop<'a> {
+    /// The store, kept alive for the background release.
     store: Arc<LockStore>,
+    /// The lock key of the attempt.
     key: &'a str,
+    /// The lease id the attempt asked for.
     lease_id: &'a str,
     /// The attempt's connection (a clone shares it); `None` once disarmed.
     conn: Option<MultiplexedConnection>,
