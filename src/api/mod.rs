@@ -3,7 +3,7 @@
 //! sees prost types.
 
 pub mod cache;
-pub mod pending;
+pub mod lock;
 pub mod rate_limit;
 pub mod session;
 pub mod stats;
