@@ -57,12 +57,10 @@ pub struct LockStore {
     /// The lock scripts.
     scripts: Scripts,
     /// The connection every lock script goes out on, taken out of the pool
-    /// once and replaced after a failure. A pool checkout costs a PING round
-    /// trip, which on the hand-off path (release, then the waiter's retry)
-    /// would double the latency; lock scripts are small and O(1), so one
-    /// multiplexed connection carries them all without queueing behind big
-    /// replies. One connection also keeps a give-up release behind the
-    /// acquire it undoes.
+    /// once and replaced after a failure. Lock scripts are small and O(1), so
+    /// one multiplexed connection carries them all without queueing behind
+    /// big replies; it keeps a give-up release behind the acquire it undoes,
+    /// and the hand-off path never meets the pool's idle-connection PING.
     conn: Mutex<Option<MultiplexedConnection>>,
     /// Keeps the release listener alive exactly as long as the store.
     listener: tokio::task::JoinHandle<()>,
