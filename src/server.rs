@@ -11,6 +11,7 @@ use crate::{
     api::{Limits, cache::CacheApi, lock::LockApi, rate_limit::RateLimitApi, session::SessionApi, stats::StatsApi},
     calendar::Calendar,
     config::Config,
+    deadline::DeadlineLayer,
     health,
     keys::Keys,
     proto::{
@@ -121,6 +122,7 @@ pub async fn run(
                 .on_eos(())
                 .on_failure(()),
         )
+        .layer(DeadlineLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
