@@ -30,11 +30,12 @@ def test_peek_consumes_nothing(client, ns):
 
 
 def test_check_all_is_all_or_nothing(client, ns):
-    tight = Limit(ns + "{u}:second", 1, 1, "fixed_window")
+    tight = Limit(ns + "{u}:tight", 1, timedelta(days=30), "token_bucket")
     wide = Limit(ns + "{u}:hour", 100, timedelta(hours=1))
     first = client.rate_limit.check_all([tight, wide])
     assert first.allowed and [s.key for s in first.statuses] == [tight.key, wide.key]
-    second = client.rate_limit.check_all([Limit(ns + "{u}:second", 1, 3600, "fixed_window"), wide])
+    assert first.remaining == 0  # the smallest remaining over the limits
+    second = client.rate_limit.check_all([tight, wide])
     assert not second.allowed
     assert [s.allowed for s in second.statuses] == [False, True]
     assert second.statuses[1].remaining == 99  # the wide limit was not consumed
