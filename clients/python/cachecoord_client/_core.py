@@ -80,13 +80,15 @@ class SyncRunner:
         method = getattr(self.stubs[op.service], op.method)
         attempts = self.policy.attempts(op)
         for attempt in range(1, attempts + 1):
+            deadline = self.policy.deadline(op, timeout)
+            started = time.monotonic()
             try:
-                response = method(op.request, timeout=self.policy.deadline(op, timeout))
+                response = method(op.request, timeout=deadline)
             except grpc.RpcError as err:
                 if attempt < attempts and _retryable(err):
                     time.sleep(self.policy.pause(attempt))
                     continue
-                raise from_rpc_error(err) from None
+                raise from_rpc_error(err, time.monotonic() - started >= deadline) from None
             return op.convert(response)
         raise AssertionError("unreachable")
 
@@ -103,12 +105,14 @@ class AsyncRunner:
         method = getattr(self.stubs[op.service], op.method)
         attempts = self.policy.attempts(op)
         for attempt in range(1, attempts + 1):
+            deadline = self.policy.deadline(op, timeout)
+            started = time.monotonic()
             try:
-                response = await method(op.request, timeout=self.policy.deadline(op, timeout))
+                response = await method(op.request, timeout=deadline)
             except grpc.RpcError as err:
                 if attempt < attempts and _retryable(err):
                     await asyncio.sleep(self.policy.pause(attempt))
                     continue
-                raise from_rpc_error(err) from None
+                raise from_rpc_error(err, time.monotonic() - started >= deadline) from None
             return op.convert(response)
         raise AssertionError("unreachable")

@@ -68,10 +68,17 @@ _BY_CODE = {
 }
 
 
-def from_rpc_error(err: grpc.RpcError) -> CachecoordError:
-    """Maps a ``grpc.RpcError`` (sync or aio) to the client's exception for its code."""
+def from_rpc_error(err: grpc.RpcError, deadline_passed: bool = False) -> CachecoordError:
+    """Maps a ``grpc.RpcError`` (sync or aio) to the client's exception for its code.
+
+    ``deadline_passed``: the call's deadline had passed when it failed. The server's gRPC
+    layer (tonic) answers CANCELLED "Timeout expired" when the caller's deadline fires on
+    its side first; that is the caller's deadline, so it becomes DeadlineExceeded.
+    """
     code = err.code() if hasattr(err, "code") else None
     details = err.details() if hasattr(err, "details") else None
     message = f"{getattr(code, 'name', 'UNKNOWN')}: {details or ''}".rstrip(": ")
+    if deadline_passed and code == grpc.StatusCode.CANCELLED:
+        return DeadlineExceeded(message, grpc.StatusCode.DEADLINE_EXCEEDED)
     cls = _BY_CODE.get(code, InternalError)
     return cls(message, code)
