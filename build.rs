@@ -23,9 +23,6 @@ fn main() -> Result<(), Box<dyn Error>> {
 
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("cachecoord_descriptor.bin"))
-        // Services whose issue has not landed yet answer UNIMPLEMENTED through
-        // the generated default methods.
-        .generate_default_stubs(true)
         .compile_with_config(config, PROTOS, &["proto", well_known.to_str().unwrap_or_default()])?;
 
     println!("cargo:rerun-if-changed=proto");

@@ -68,4 +68,13 @@ expect "Session/CreateSession" '"role": "admin"' "$created"
 sid=$(grep -o '"sessionId": "[^"]*"' <<<"$created" | cut -d'"' -f4)
 expect "Session/GetSession" '"found": true' \
   "$(grpcurl -plaintext -d '{"session_id":"'"$sid"'","touch":true}' "$addr" cachecoord.v1.SessionService/GetSession)"
+lock=$(grpcurl -plaintext -d '{"name":"smoke","ttl":"30s","owner":"smoke"}' "$addr" cachecoord.v1.LockService/Acquire)
+expect "Lock/Acquire" '"acquired": true' "$lock"
+lease=$(sed -n 's/.*"leaseId": "\([^"]*\)".*/\1/p' <<<"$lock")
+expect "Lock/Inspect" '"owner": "smoke"' \
+  "$(grpcurl -plaintext -d '{"name":"smoke"}' "$addr" cachecoord.v1.LockService/Inspect)"
+expect "Lock/Release" '"released": true' \
+  "$(grpcurl -plaintext -d "{\"name\":\"smoke\",\"lease_id\":\"$lease\"}" "$addr" cachecoord.v1.LockService/Release)"
+expect "Lock/Hold" 'HOLD_EVENT_ACQUIRED' \
+  "$(echo '{"name":"smoke","ttl":"30s"}' | grpcurl -plaintext -d @ "$addr" cachecoord.v1.LockService/Hold)"
 echo "grpcurl smoke: all checks passed"

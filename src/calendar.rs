@@ -184,7 +184,7 @@ impl ClockTable {
             }
             Granularity::Day => {
                 let i = self.day_starts.iter().rposition(|start| *start <= ms)?;
-                Some((self.day_starts[i], self.day_starts[i + 1]))
+                Some((self.day_starts[i], *self.day_starts.get(i + 1)?))
             }
         }
     }

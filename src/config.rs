@@ -62,6 +62,10 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_SESSION_MAX_PER_USER", default_value_t = 0)]
     pub session_max_per_user: u32,
 
+    /// Lease of a lock acquired or extended without a TTL.
+    #[arg(long, env = "CACHECOORD_LOCK_DEFAULT_TTL", default_value = "30s", value_parser = duration)]
+    pub lock_default_ttl: Duration,
+
     /// Longest key, name or tag, in bytes.
     #[arg(long, env = "CACHECOORD_MAX_KEY_BYTES", default_value_t = 512)]
     pub max_key_bytes: usize,
@@ -157,6 +161,10 @@ impl Config {
             "--cache-fill-timeout must be positive and at most --max-ttl",
         );
         check(!self.session_default_ttl.is_zero(), "--session-default-ttl must be positive");
+        check(
+            self.lock_default_ttl >= Duration::from_millis(1) && self.lock_default_ttl <= self.max_ttl,
+            "--lock-default-ttl must be at least 1ms and at most --max-ttl",
+        );
         check(
             self.max_message_bytes >= self.max_value_bytes + 64 * 1024,
             "--max-message-bytes must exceed --max-value-bytes by at least 64 KiB",

@@ -113,6 +113,24 @@ impl Keys {
     pub fn revoked_token(&self, sha256_hex: &str) -> String {
         format!("{}:rt:{{{sha256_hex}}}", self.prefix)
     }
+
+    /// A held lock (hash: `lease`, `owner`, `token`), expiring with its lease.
+    /// Its fencing counter is `<lock>:fence`.
+    pub fn lock(&self, name: &str) -> String {
+        format!("{}:lock:{{{name}}}", self.prefix)
+    }
+
+    /// The fencing counter of a lock name (string, integer). Never expires:
+    /// it must outlive every lease, so one such key stays per name ever used.
+    pub fn lock_fence(&self, name: &str) -> String {
+        format!("{}:lock:{{{name}}}:fence", self.prefix)
+    }
+
+    /// The pub/sub channel that announces released locks; the message is the
+    /// lock key.
+    pub fn lock_channel(&self) -> String {
+        format!("{}:locks", self.prefix)
+    }
 }
 
 #[cfg(test)]
@@ -147,5 +165,13 @@ mod tests {
         assert_eq!(keys.session("abc"), "cc:s:{abc}");
         assert_eq!(keys.user_sessions("u1"), "cc:u:{u1}");
         assert_eq!(keys.revoked_token("00ff"), "cc:rt:{00ff}");
+    }
+
+    #[test]
+    fn lock_keys_share_the_name_tag() {
+        let keys = Keys::new("cc");
+        assert_eq!(keys.lock("job"), "cc:lock:{job}");
+        assert_eq!(keys.lock_fence("job"), "cc:lock:{job}:fence");
+        assert_eq!(keys.lock_channel(), "cc:locks");
     }
 }

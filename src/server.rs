@@ -8,9 +8,10 @@ use tonic_health::ServingStatus;
 use tower_http::trace::TraceLayer;
 
 use crate::{
-    api::{Limits, cache::CacheApi, pending::Pending, rate_limit::RateLimitApi, session::SessionApi, stats::StatsApi},
+    api::{Limits, cache::CacheApi, lock::LockApi, rate_limit::RateLimitApi, session::SessionApi, stats::StatsApi},
     calendar::Calendar,
     config::Config,
+    deadline::DeadlineLayer,
     health,
     keys::Keys,
     proto::{
@@ -21,6 +22,7 @@ use crate::{
     store::{
         Redis,
         cache::CacheStore,
+        lock::LockStore,
         rate_limit::RateLimitStore,
         session::SessionStore,
         stats::{Retention, StatsStore},
@@ -64,6 +66,7 @@ pub async fn run(
         limits.clone(),
         config.session_default_ttl.min(config.max_ttl),
     );
+    let locks = LockApi::new(LockStore::new(redis.clone(), keys.clone()), limits.clone(), config.lock_default_ttl);
     let cache = CacheApi::new(
         CacheStore::new(redis.clone(), keys.clone()),
         limits,
@@ -119,13 +122,14 @@ pub async fn run(
                 .on_eos(())
                 .on_failure(()),
         )
+        .layer(DeadlineLayer)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(sized!(CacheServiceServer::new(cache)))
         .add_service(sized!(SessionServiceServer::new(sessions)))
         .add_service(sized!(RateLimitServiceServer::new(rate_limit)))
-        .add_service(sized!(LockServiceServer::new(Pending)))
+        .add_service(sized!(LockServiceServer::new(locks.until_stopping(stopping_rx.clone()))))
         .add_service(sized!(StatsServiceServer::new(stats)))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopping_rx.wait_for(|stopping| *stopping).await;

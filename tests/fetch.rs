@@ -246,7 +246,9 @@ async fn a_fetch_cancelled_while_redis_is_busy_leaves_no_lease_behind() {
     stall.await.unwrap();
 
     // Once Redis has run the queued script, the lease it granted to nobody is
-    // handed back right behind it: the next caller gets the lease, not a wait.
-    let next = cache.fetch(fetch("k", 60_000, 0)).await.unwrap().into_inner();
+    // handed back right behind it, waking waiters: the next caller gets the
+    // lease well within its max_wait. Without the hand-back the orphaned lease
+    // would hold it off for 60 s and it would answer TIMEOUT.
+    let next = cache.fetch(fetch("k", 60_000, 5_000)).await.unwrap().into_inner();
     assert_eq!(outcome(&next), FetchOutcome::Fill);
 }

@@ -44,6 +44,9 @@ struct Args {
     /// Where to write the report; `-` for none.
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: String,
+    /// Measure only targets whose name contains one of these (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
     /// A short smoke run (CI): 200 ms per point, callers 1 and 4, no report.
     #[arg(long)]
     quick: bool,
@@ -147,7 +150,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let mut points = Vec::new();
     for &callers in &args.callers {
         for target in Target::ALL {
-            if !clients.available(*target) {
+            let wanted = args.only.is_empty() || args.only.iter().any(|o| target.name().contains(o.as_str()));
+            if !clients.available(*target) || !wanted {
                 continue;
             }
             let point = measure(&clients, *target, callers, args.warmup, args.duration).await?;
@@ -317,5 +321,71 @@ fn report(args: &Args, points: &[Point], handoff: Option<(f64, f64)>, rss_kb: Op
     if let Some(kb) = rss_kb {
         let _ = writeln!(out, "- service peak RSS with 1,000 calls in flight: {:.1} MB", kb as f64 / 1024.0);
     }
+    goals(&mut out, points, handoff, rss_kb);
     out
+}
+
+/// The goals of the benchmark issue, each with what this run measured.
+fn goals(out: &mut String, points: &[Point], handoff: Option<(f64, f64)>, rss_kb: Option<u64>) {
+    let rate = |t: Target, c| find(points, t.name(), c).map(Point::rate);
+    let mut rows: Vec<(&str, String, Option<bool>)> = Vec::new();
+    let glue = match (rate(Target::CacheGet, 64), rate(Target::Echo, 64), rate(Target::DirectGet, 64)) {
+        (Some(s), Some(e), Some(d)) => Some((1.0 / s) / (1.0 / e + 1.0 / d) - 1.0),
+        _ => None,
+    };
+    rows.push(("Cache.Get glue overhead at 64 callers ≤ 10%", pct(glue), glue.map(|g| g <= 0.10)));
+    let p50 = |t: Target| find(points, t.name(), 1).map(|p| p.p(0.5));
+    let ratio = match (p50(Target::CacheGet), p50(Target::Echo), p50(Target::DirectGet)) {
+        (Some(s), Some(e), Some(d)) => Some(s / (e + d)),
+        _ => None,
+    };
+    rows.push((
+        "Cache.Get p50 at 1 caller ≤ 1.1 × (echo p50 + direct p50)",
+        ratio.map_or("n/a".into(), |r| format!("{r:.2}×")),
+        ratio.map(|r| r <= 1.1),
+    ));
+    let checks = rate(Target::RateLimitCheck, 64);
+    rows.push((
+        "RateLimit.Check at 64 callers ≥ 40,000/s",
+        checks.map_or("n/a".into(), |r| format!("{r:.0}/s")),
+        checks.map(|r| r >= 40_000.0),
+    ));
+    for callers in [1, 64] {
+        let keys = match (rate(Target::CacheGetMany, callers), rate(Target::CacheGet, callers)) {
+            (Some(many), Some(get)) => Some(many * 100.0 / get),
+            _ => None,
+        };
+        rows.push((
+            if callers == 1 {
+                "GetMany(100) keys/s ≥ 30 × Get keys/s (1 caller)"
+            } else {
+                "GetMany(100) keys/s ≥ 30 × Get keys/s (64 callers)"
+            },
+            keys.map_or("n/a".into(), |k| format!("{k:.1}×")),
+            keys.map(|k| k >= 30.0),
+        ));
+    }
+    rows.push((
+        "lock hand-off p50 ≤ 1 ms, p99 ≤ 2 ms",
+        handoff.map_or("n/a".into(), |(p50, p99)| format!("{p50:.3} / {p99:.3} ms")),
+        handoff.map(|(p50, p99)| p50 <= 1.0 && p99 <= 2.0),
+    ));
+    rows.push((
+        "service RSS ≤ 50 MB with 1,000 calls in flight",
+        rss_kb.map_or("n/a".into(), |kb| format!("{:.1} MB", kb as f64 / 1024.0)),
+        rss_kb.map(|kb| kb <= 50 * 1024),
+    ));
+    let _ = writeln!(out, "\n## Goals\n\n| goal | measured | met |\n|---|---:|---|");
+    for (goal, measured, met) in rows {
+        let met = match met {
+            Some(true) => "yes",
+            Some(false) => "no",
+            None => "n/a",
+        };
+        let _ = writeln!(out, "| {goal} | {measured} | {met} |");
+    }
+}
+
+fn pct(x: Option<f64>) -> String {
+    x.map_or("n/a".into(), |x| format!("{:+.0}%", x * 100.0))
 }

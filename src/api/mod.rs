@@ -3,7 +3,7 @@
 //! sees prost types.
 
 pub mod cache;
-pub mod pending;
+pub mod lock;
 pub mod rate_limit;
 pub mod session;
 pub mod stats;
@@ -117,7 +117,11 @@ pub fn to_proto_duration(d: Duration) -> prost_types::Duration {
 
 /// How long until the caller's deadline (`grpc-timeout`), if it sent one.
 pub fn caller_deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {
-    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    parse_grpc_timeout(request.metadata().get("grpc-timeout")?.to_str().ok()?)
+}
+
+/// A `grpc-timeout` header value (`250m`, `5S`, ...) as a duration.
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
     let amount: u64 = amount.parse().ok()?;
     Some(match unit {

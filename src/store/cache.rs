@@ -2,10 +2,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use deadpool_redis::redis::{Script, Value};
+use deadpool_redis::redis::{Script, Value, aio::MultiplexedConnection};
 use tokio::time::Instant;
 
-use super::{Pinned, Redis, fills::FillWaiters};
+use super::{Redis, wake::Waiters};
 use crate::{
     error::{Error, Result},
     keys::Keys,
@@ -67,7 +67,7 @@ pub struct CacheStore {
     keys: Keys,
     /// Where lease ends are announced (the `<prefix>:fills` channel).
     channel: String,
-    waiters: Arc<FillWaiters>,
+    waiters: Arc<Waiters>,
     scripts: Scripts,
     /// Keeps the fill listener alive exactly as long as the store.
     listener: tokio::task::JoinHandle<()>,
@@ -96,7 +96,7 @@ impl CacheStore {
     /// A store under `keys`, listening for fill events.
     pub fn new(redis: Redis, keys: Keys) -> Self {
         let channel = keys.cache_fill_channel();
-        let waiters = Arc::new(FillWaiters::default());
+        let waiters = Arc::new(Waiters::default());
         let listener = Arc::clone(&waiters).listen(redis.clone(), channel.clone());
         let scripts = Scripts {
             get: Script::new(include_str!("lua/get.lua")),
@@ -217,7 +217,7 @@ impl CacheStore {
         // the guard hands it back.
         // The hand-back goes over the same connection, so Redis runs it after
         // the fetch script, never before.
-        let mut conn = self.redis.pinned().await?;
+        let mut conn = self.redis.connection().await?;
         let mut guard = LeaseGuard {
             store: Some(Arc::clone(self)),
             conn: conn.clone(),
@@ -227,7 +227,7 @@ impl CacheStore {
         };
         let mut call = self.scripts.fetch.prepare_invoke();
         call.key(entry_key).key(lease_key).arg(&guard.token).arg(millis(fill_timeout));
-        let reply = conn.invoke::<Vec<Value>>(&call).await;
+        let reply = self.redis.invoke_on::<Vec<Value>>(&mut conn, &call).await;
         guard.store = None;
         let reply = reply?;
         match reply.as_slice() {
@@ -282,7 +282,7 @@ struct LeaseGuard {
     /// Set while the attempt's outcome is unknown to its caller.
     store: Option<Arc<CacheStore>>,
     /// The connection the fetch script went out on.
-    conn: Pinned,
+    conn: MultiplexedConnection,
     entry_key: String,
     lease_key: String,
     token: String,
@@ -299,7 +299,7 @@ impl Drop for LeaseGuard {
         runtime.spawn(async move {
             let mut call = store.scripts.abandon_fill.prepare_invoke();
             call.key(&entry_key).key(&lease_key).arg(&store.channel).arg(&token);
-            if let Err(err) = conn.invoke::<i64>(&call).await {
+            if let Err(err) = store.redis.invoke_on::<i64>(&mut conn, &call).await {
                 tracing::debug!(%err, "could not hand back the lease of a cancelled fetch");
             }
         });

@@ -6,10 +6,11 @@
 //! that service's operations and scripts.
 
 pub mod cache;
-mod fills;
+pub mod lock;
 pub mod rate_limit;
 pub mod session;
 pub mod stats;
+mod wake;
 
 use std::{future::Future, time::Duration};
 
@@ -69,6 +70,24 @@ impl Redis {
         .await
     }
 
+    /// A pooled connection to keep using (a clone shares its socket), for
+    /// calls that must reach Redis in the order they were sent: a follow-up
+    /// to a call that was cut short, or the lock store's own connection.
+    pub async fn connection(&self) -> Result<MultiplexedConnection> {
+        let conn = self.bounded(async { Ok(self.pool.get().await?) }).await?;
+        Ok((*conn).clone())
+    }
+
+    /// Runs a script on `conn` (from [`Redis::connection`], or a clone of
+    /// one), bounded like [`Redis::invoke`].
+    pub async fn invoke_on<T: FromRedisValue>(
+        &self,
+        conn: &mut (impl redis::aio::ConnectionLike + Send),
+        script: &ScriptInvocation<'_>,
+    ) -> Result<T> {
+        self.bounded(async { Ok(script.invoke_async(conn).await?) }).await
+    }
+
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
         self.bounded(async {
@@ -89,13 +108,6 @@ impl Redis {
         matches!(tokio::time::timeout(timeout, probe).await, Ok(Ok(_)))
     }
 
-    /// One pooled connection to keep using, for calls that must reach Redis
-    /// in the order they were sent (a follow-up to a call that was cut short).
-    pub async fn pinned(&self) -> Result<Pinned> {
-        let conn = self.bounded(async { Ok(self.pool.get().await?) }).await?;
-        Ok(Pinned { conn: (*conn).clone(), timeout: self.timeout })
-    }
-
     /// A dedicated pub/sub connection, opened within the timeout.
     pub async fn pubsub(&self) -> Result<redis::aio::PubSub> {
         self.bounded(async { Ok(self.client.get_async_pubsub().await?) }).await
@@ -105,26 +117,6 @@ impl Redis {
         tokio::time::timeout(self.timeout, op)
             .await
             .unwrap_or_else(|_| Err(Error::Unavailable(format!("no reply within {:?}", self.timeout))))
-    }
-}
-
-/// A connection lent by [`Redis::pinned`]: commands sent through it (and its
-/// clones) run in Redis in the order they were sent.
-#[derive(Clone)]
-pub struct Pinned {
-    /// A clone of the pooled connection; it shares that connection's socket.
-    conn: MultiplexedConnection,
-    /// Upper bound on one operation.
-    timeout: Duration,
-}
-
-impl Pinned {
-    /// Runs a script, bounded like [`Redis::invoke`].
-    pub async fn invoke<T: FromRedisValue>(&mut self, script: &ScriptInvocation<'_>) -> Result<T> {
-        match tokio::time::timeout(self.timeout, script.invoke_async(&mut self.conn)).await {
-            Ok(result) => Ok(result?),
-            Err(_) => Err(Error::Unavailable(format!("no reply within {:?}", self.timeout))),
-        }
     }
 }
 

@@ -47,6 +47,12 @@ impl RedisServer {
         Self::start_with(&[], None).await
     }
 
+    /// Like `start`, but with an append-only file synced on every write, so
+    /// `stop`/`restart` (a crash) keeps every acknowledged write.
+    pub async fn start_persistent() -> Self {
+        Self::start_with(&["--appendonly", "yes", "--appendfsync", "always"], None).await
+    }
+
     /// Starts redis-server that requires `password`.
     pub async fn start_with_password(password: &str) -> Self {
         Self::start_with(&["--requirepass", password], Some(password)).await

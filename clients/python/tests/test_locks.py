@@ -1,7 +1,7 @@
 """LockService through client.locks: every RPC, the lock context manager (sync and async),
 exclusion across threads, auto-renewal through the Hold stream.
 
-Skipped (each test, with the reason) while the server answers UNIMPLEMENTED for LockService.
+Skipped, saying why, only against an older server whose LockService answers UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def locks(client):
     try:
         client.locks.inspect("probe")
     except Unimplemented:
-        pytest.skip("LockService answers UNIMPLEMENTED on this server build (lock branch not merged yet)")
+        pytest.skip("LockService answers UNIMPLEMENTED: this server predates the lock service")
     return client.locks
 
 

@@ -34,10 +34,17 @@ class LockServiceStub(object):
     are never reused, even after the lock's key expires. Pass it to the resource you guard
     and have it reject tokens lower than one it has seen, so a holder whose lease ran out
     unnoticed (a long pause, a slow network) cannot do harm.
+    Tokens are large (each is at least Redis's clock in microseconds, and above the name's
+    previous token): compare them, do not count with them. Because of that floor they keep
+    increasing even if Redis loses its data (a restart without persistence, a fail-over to
+    a replica that lagged), provided Redis's clock does not go back.
 
     Waiters are woken by a notification, not by polling, within about a millisecond of a
-    release. Waiters are not served in arrival order. A waiter whose caller gives up
-    (deadline, cancel, disconnect) never ends up holding the lock.
+    release, and at once when the holder's lease runs out. Waiters are not served in
+    arrival order. A waiter whose caller gives up (deadline, cancel, disconnect) never ends
+    up holding the lock: should the service take the lock just as the caller leaves, it
+    releases it again at once. (A caller that vanishes after the service has answered is
+    a holder like any other: its lease ends with its TTL.)
 
     Limits (each configurable; defaults shown): names are 1..512 bytes; owners are at most
     512 bytes; a TTL or a wait is at most 30 days.
@@ -92,10 +99,17 @@ class LockServiceServicer(object):
     are never reused, even after the lock's key expires. Pass it to the resource you guard
     and have it reject tokens lower than one it has seen, so a holder whose lease ran out
     unnoticed (a long pause, a slow network) cannot do harm.
+    Tokens are large (each is at least Redis's clock in microseconds, and above the name's
+    previous token): compare them, do not count with them. Because of that floor they keep
+    increasing even if Redis loses its data (a restart without persistence, a fail-over to
+    a replica that lagged), provided Redis's clock does not go back.
 
     Waiters are woken by a notification, not by polling, within about a millisecond of a
-    release. Waiters are not served in arrival order. A waiter whose caller gives up
-    (deadline, cancel, disconnect) never ends up holding the lock.
+    release, and at once when the holder's lease runs out. Waiters are not served in
+    arrival order. A waiter whose caller gives up (deadline, cancel, disconnect) never ends
+    up holding the lock: should the service take the lock just as the caller leaves, it
+    releases it again at once. (A caller that vanishes after the service has answered is
+    a holder like any other: its lease ends with its TTL.)
 
     Limits (each configurable; defaults shown): names are 1..512 bytes; owners are at most
     512 bytes; a TTL or a wait is at most 30 days.
@@ -202,10 +216,17 @@ class LockService(object):
     are never reused, even after the lock's key expires. Pass it to the resource you guard
     and have it reject tokens lower than one it has seen, so a holder whose lease ran out
     unnoticed (a long pause, a slow network) cannot do harm.
+    Tokens are large (each is at least Redis's clock in microseconds, and above the name's
+    previous token): compare them, do not count with them. Because of that floor they keep
+    increasing even if Redis loses its data (a restart without persistence, a fail-over to
+    a replica that lagged), provided Redis's clock does not go back.
 
     Waiters are woken by a notification, not by polling, within about a millisecond of a
-    release. Waiters are not served in arrival order. A waiter whose caller gives up
-    (deadline, cancel, disconnect) never ends up holding the lock.
+    release, and at once when the holder's lease runs out. Waiters are not served in
+    arrival order. A waiter whose caller gives up (deadline, cancel, disconnect) never ends
+    up holding the lock: should the service take the lock just as the caller leaves, it
+    releases it again at once. (A caller that vanishes after the service has answered is
+    a holder like any other: its lease ends with its TTL.)
 
     Limits (each configurable; defaults shown): names are 1..512 bytes; owners are at most
     512 bytes; a TTL or a wait is at most 30 days.

@@ -1,12 +1,15 @@
-//! Wakes Fetch callers waiting for another caller's fill.
+//! Wakes local waiters by key when a script announces a change on a pub/sub
+//! channel: Fetch callers waiting for another caller's fill, Acquire callers
+//! waiting for a lock.
 //!
-//! Every service instance keeps one pub/sub connection subscribed to the fill
-//! channel. The scripts publish an entry key whenever its lease ends (filled,
-//! voided or handed back); the listener wakes the local waiters of that key,
-//! who then read again. A waiter registers *before* its read, so a fill that
-//! lands between the read and the wait still wakes it. Should the
-//! subscription drop, waiters still wake when the lease they wait on expires,
-//! and every waiter is woken once the subscription is back.
+//! Each store keeps one pub/sub connection subscribed to its channel. Its
+//! scripts publish a Redis key whenever the awaited state of that key ends (a
+//! fill lease filled, voided or handed back; a lock released); the listener
+//! wakes the local waiters of that key, who then try again. A waiter registers
+//! *before* its attempt, so an event between the attempt and the wait still
+//! wakes it. Should the subscription drop, waiters still wake when the lease
+//! they wait on expires (they sleep until then at the latest), and every
+//! waiter is woken once the subscription is back.
 
 use std::{
     collections::HashMap,
@@ -19,26 +22,29 @@ use tokio::sync::watch;
 
 use super::Redis;
 
-/// Local waiters, by entry key.
+/// Local waiters, by awaited Redis key.
 #[derive(Default)]
-pub struct FillWaiters {
+pub struct Waiters {
     /// One channel per awaited key; removed when its last waiter leaves.
     by_key: Mutex<HashMap<String, watch::Sender<u64>>>,
 }
 
 /// One caller's registration; deregisters on drop (also when cancelled).
-pub struct FillWait {
-    waiters: Arc<FillWaiters>,
+pub struct Wait {
+    /// The registry to leave on drop.
+    waiters: Arc<Waiters>,
+    /// The awaited key.
     key: String,
+    /// Bumped at every event of the key.
     events: watch::Receiver<u64>,
 }
 
-impl FillWaiters {
+impl Waiters {
     /// Registers interest in `key` from now on.
-    pub fn register(self: &Arc<Self>, key: &str) -> FillWait {
+    pub fn register(self: &Arc<Self>, key: &str) -> Wait {
         let mut by_key = self.by_key.lock().unwrap_or_else(PoisonError::into_inner);
         let events = by_key.entry(key.to_string()).or_insert_with(|| watch::channel(0).0).subscribe();
-        FillWait { waiters: Arc::clone(self), key: key.to_string(), events }
+        Wait { waiters: Arc::clone(self), key: key.to_string(), events }
     }
 
     /// Wakes the waiters of `key`.
@@ -74,9 +80,9 @@ impl FillWaiters {
                                 }
                             }
                         }
-                        tracing::debug!("fill subscription lost; reconnecting");
+                        tracing::debug!(%channel, "subscription lost; reconnecting");
                     }
-                    Err(err) => tracing::debug!(%err, "fill subscription failed; retrying"),
+                    Err(err) => tracing::debug!(%err, %channel, "subscription failed; retrying"),
                 }
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
@@ -84,8 +90,8 @@ impl FillWaiters {
     }
 }
 
-impl FillWait {
-    /// Resolves at the next fill event of this key after registration or the
+impl Wait {
+    /// Resolves at the next event of this key after registration or the
     /// previous call.
     pub async fn changed(&mut self) {
         // The sender lives as long as any registration does, so this only
@@ -94,7 +100,7 @@ impl FillWait {
     }
 }
 
-impl Drop for FillWait {
+impl Drop for Wait {
     fn drop(&mut self) {
         let mut by_key = self.waiters.by_key.lock().unwrap_or_else(PoisonError::into_inner);
         // Registrations are created and dropped under this lock, so a count of

@@ -1,0 +1,331 @@
+//! Lock operations: leased, fenced, mutually exclusive locks.
+//!
+//! A lock is one hash that expires with its lease; its fencing counter is a
+//! separate key without expiry. Every operation is one script call. A caller
+//! that waits registers with [`Waiters`] and retries when the release script
+//! announces the lock on the lock channel, or when the holder's lease runs
+//! out: never on a polling interval.
+
+use std::{
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use deadpool_redis::redis::{FromRedisValue, Script, ScriptInvocation, Value, aio::MultiplexedConnection};
+use tokio::time::Instant;
+
+use super::{Redis, wake::Waiters};
+use crate::{
+    error::{Error, Result},
+    keys::Keys,
+};
+
+/// A lease granted to a caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Grant {
+    /// The secret that proves the lease.
+    pub lease_id: String,
+    /// This acquisition's fencing token.
+    pub fencing_token: u64,
+    /// On this process's clock, the lease cannot end before this instant
+    /// (before allowing for clock drift; see [`valid_for`]).
+    pub lease_floor: Instant,
+}
+
+/// Who holds a lock, as Inspect reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// The holder's label.
+    pub owner: String,
+    /// The holder's fencing token.
+    pub fencing_token: u64,
+    /// Time left on the lease; `None` if the key has no expiry (only when
+    /// written by hand).
+    pub ttl_remaining: Option<Duration>,
+}
+
+/// The Lock service's data in Redis.
+pub struct LockStore {
+    /// The bounded-time Redis handle.
+    redis: Redis,
+    /// Key names under the prefix.
+    keys: Keys,
+    /// Where releases are announced (the `<prefix>:locks` channel).
+    channel: String,
+    /// Local waiters by lock key, woken from the lock channel.
+    waiters: Arc<Waiters>,
+    /// The lock scripts.
+    scripts: Scripts,
+    /// The connection every lock script goes out on, taken out of the pool
+    /// once and replaced after a failure. Lock scripts are small and O(1), so
+    /// one multiplexed connection carries them all without queueing behind
+    /// big replies; it keeps a give-up release behind the acquire it undoes,
+    /// and the hand-off path never meets the pool's idle-connection PING.
+    conn: Mutex<Option<MultiplexedConnection>>,
+    /// Keeps the release listener alive exactly as long as the store.
+    listener: tokio::task::JoinHandle<()>,
+}
+
+/// Loaded once; EVALSHA'd per call.
+struct Scripts {
+    /// `lock_acquire.lua`: take if free, with a fresh fencing token.
+    acquire: Script,
+    /// `lock_release.lua`: compare lease, delete, publish.
+    release: Script,
+    /// `lock_extend.lua`: compare lease, re-expire.
+    extend: Script,
+    /// `lock_inspect.lua`: the holder and its time left.
+    inspect: Script,
+}
+
+impl Drop for LockStore {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
+}
+
+/// One acquire attempt: taken, or held by someone else for this long.
+enum Attempt {
+    /// The lock is the caller's now.
+    Taken(Grant),
+    /// Someone else holds it; its lease has this long left (`None`: no expiry).
+    Held(Option<Duration>),
+}
+
+impl LockStore {
+    /// A store under `keys`, listening for releases.
+    pub fn new(redis: Redis, keys: Keys) -> Self {
+        let channel = keys.lock_channel();
+        let waiters = Arc::new(Waiters::default());
+        let listener = Arc::clone(&waiters).listen(redis.clone(), channel.clone());
+        let scripts = Scripts {
+            acquire: Script::new(include_str!("lua/lock_acquire.lua")),
+            release: Script::new(include_str!("lua/lock_release.lua")),
+            extend: Script::new(include_str!("lua/lock_extend.lua")),
+            inspect: Script::new(include_str!("lua/lock_inspect.lua")),
+        };
+        Self { redis, keys, channel, waiters, scripts, conn: Mutex::new(None), listener }
+    }
+
+    /// The lock connection, opened on first use or after a failure.
+    async fn conn(&self) -> Result<MultiplexedConnection> {
+        if let Some(conn) = self.conn.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
+            return Ok(conn.clone());
+        }
+        let conn = self.redis.connection().await?;
+        *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs a script on `conn`; a connection that failed is not used again.
+    async fn run<T: FromRedisValue>(&self, conn: &mut MultiplexedConnection, call: &ScriptInvocation<'_>) -> Result<T> {
+        let result = self.redis.invoke_on(conn, call).await;
+        if let Err(Error::Unavailable(_)) = result {
+            self.conn.lock().unwrap_or_else(PoisonError::into_inner).take();
+        }
+        result
+    }
+
+    /// Runs a script on the lock connection.
+    async fn invoke<T: FromRedisValue>(&self, call: &ScriptInvocation<'_>) -> Result<T> {
+        let mut conn = self.conn().await?;
+        self.run(&mut conn, call).await
+    }
+
+    /// Takes lock `name` for `ttl`, waiting for it until `deadline` (`None`:
+    /// try once). `None` when it was still held by someone else.
+    ///
+    /// Cancel-safe: if this future is dropped while an attempt is in flight,
+    /// that attempt's lease is released in the background, so a caller that
+    /// gave up never ends up holding the lock.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Grant>> {
+        let key = self.keys.lock(name);
+        let fence = self.keys.lock_fence(name);
+        let lease_id = new_lease_id();
+        let deadline = match self.attempt(&key, &fence, &lease_id, owner, ttl).await? {
+            Attempt::Taken(grant) => return Ok(Some(grant)),
+            Attempt::Held(_) => match deadline {
+                Some(deadline) if deadline > Instant::now() => deadline,
+                _ => return Ok(None),
+            },
+        };
+        // Register, then try again: a release between the first attempt and
+        // the registration would otherwise go unseen.
+        let mut wait = self.waiters.register(&key);
+        loop {
+            let held_for = match self.attempt(&key, &fence, &lease_id, owner, ttl).await? {
+                Attempt::Taken(grant) => return Ok(Some(grant)),
+                Attempt::Held(held_for) => held_for,
+            };
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            // Wake on a release, or just after the holder's lease runs out
+            // (PTTL is truncated to whole ms, so one more ms is past it).
+            let wake_at = held_for.map_or(deadline, |left| deadline.min(now + left + Duration::from_millis(1)));
+            tokio::select! {
+                () = wait.changed() => {}
+                () = tokio::time::sleep_until(wake_at) => {}
+            }
+        }
+    }
+
+    /// One run of the acquire script, guarded so that a dropped call releases
+    /// what it may have taken.
+    async fn attempt(
+        self: &Arc<Self>,
+        key: &str,
+        fence: &str,
+        lease_id: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Attempt> {
+        let mut call = self.scripts.acquire.prepare_invoke();
+        call.key(key).key(fence).arg(lease_id).arg(owner).arg(millis(ttl));
+        let mut conn = self.conn().await?;
+        let guard = ReleaseOnDrop { store: Arc::clone(self), key, lease_id, conn: Some(conn.clone()) };
+        let sent = Instant::now();
+        // On an error (a timeout) the script may still run later: the guard
+        // stays armed and releases it.
+        let reply: Vec<Value> = self.run(&mut conn, &call).await?;
+        guard.disarm();
+        match reply.as_slice() {
+            [Value::Int(1), Value::Int(token)] => Ok(Attempt::Taken(Grant {
+                lease_id: lease_id.to_string(),
+                fencing_token: u64::try_from(*token).map_err(|_| Error::Internal(format!("token {token}")))?,
+                lease_floor: sent + ttl,
+            })),
+            [Value::Int(0), Value::Int(pttl)] => {
+                Ok(Attempt::Held(u64::try_from(*pttl).ok().map(Duration::from_millis)))
+            }
+            _ => Err(Error::Internal(format!("acquire returned {reply:?}"))),
+        }
+    }
+
+    /// Releases the lease; false when it is not the holder's.
+    pub async fn release(&self, name: &str, lease_id: &str) -> Result<bool> {
+        let mut call = self.scripts.release.prepare_invoke();
+        call.key(self.keys.lock(name)).arg(lease_id).arg(&self.channel);
+        let released: i64 = self.invoke(&call).await?;
+        Ok(released == 1)
+    }
+
+    /// Sets the lease to end `ttl` from now; the new lease floor (as in
+    /// [`Grant`]), or `None` when the lease is not the holder's.
+    pub async fn extend(&self, name: &str, lease_id: &str, ttl: Duration) -> Result<Option<Instant>> {
+        let mut call = self.scripts.extend.prepare_invoke();
+        call.key(self.keys.lock(name)).arg(lease_id).arg(millis(ttl)).arg(&self.channel);
+        let sent = Instant::now();
+        let extended: i64 = self.invoke(&call).await?;
+        Ok((extended == 1).then_some(sent + ttl))
+    }
+
+    /// Who holds lock `name`, if anyone.
+    pub async fn inspect(&self, name: &str) -> Result<Option<Holder>> {
+        let mut call = self.scripts.inspect.prepare_invoke();
+        call.key(self.keys.lock(name));
+        let reply: Vec<Value> = self.invoke(&call).await?;
+        match reply.as_slice() {
+            [Value::Int(0)] => Ok(None),
+            [Value::Int(1), Value::BulkString(owner), Value::Int(token), Value::Int(pttl)] => Ok(Some(Holder {
+                owner: String::from_utf8_lossy(owner).into_owned(),
+                fencing_token: u64::try_from(*token).unwrap_or(0),
+                ttl_remaining: u64::try_from(*pttl).ok().map(Duration::from_millis),
+            })),
+            _ => Err(Error::Internal(format!("inspect returned {reply:?}"))),
+        }
+    }
+}
+
+/// Releases an attempt's lease if the attempt is dropped before its reply
+/// arrived (the caller gave up while the script was in flight, or Redis did
+/// not answer in time). The release goes out on the attempt's own connection,
+/// so Redis runs it after the acquire script, never before; releasing a lease
+/// that was never granted is a no-op.
+struct ReleaseOnDrop<'a> {
+    /// The store, kept alive for the background release.
+    store: Arc<LockStore>,
+    /// The lock key of the attempt.
+    key: &'a str,
+    /// The lease id the attempt asked for.
+    lease_id: &'a str,
+    /// The attempt's connection (a clone shares it); `None` once disarmed.
+    conn: Option<MultiplexedConnection>,
+}
+
+impl ReleaseOnDrop<'_> {
+    /// The reply is in: from here on the caller owns the outcome.
+    fn disarm(mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for ReleaseOnDrop<'_> {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (store, key, lease_id) = (Arc::clone(&self.store), self.key.to_string(), self.lease_id.to_string());
+        runtime.spawn(async move {
+            let mut call = store.scripts.release.prepare_invoke();
+            call.key(&key).arg(&lease_id).arg(&store.channel);
+            match store.run::<i64>(&mut conn, &call).await {
+                Ok(1) => tracing::debug!(%key, "released a lock its caller gave up on"),
+                Ok(_) => {}
+                // The lease then ends with its TTL.
+                Err(err) => tracing::warn!(%err, %key, "could not release a lock its caller gave up on"),
+            }
+        });
+    }
+}
+
+/// How long from `from` a lease with this floor surely lasts, on any clock.
+///
+/// The script sets the expiry after the service sent it, so the lease ends
+/// no earlier than `sent + ttl` (the floor). `from` is an instant no earlier
+/// than the client's own reference point (its send, or its receipt of a
+/// message), so the span `floor - from` holds on the client's clock too, up
+/// to clock-rate drift between Redis, this process and the client: take off
+/// 1% and 2 ms for that (Redlock's allowance). Zero once the floor is near.
+pub fn valid_for(lease_floor: Instant, from: Instant) -> Duration {
+    let span = lease_floor.saturating_duration_since(from);
+    span.saturating_sub(span / 100 + Duration::from_millis(2))
+}
+
+/// 128 random bits from the thread's CSPRNG, as 32 hex digits (URL-safe).
+fn new_lease_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+/// Whole milliseconds, rounded up so a positive TTL never becomes zero.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validity_keeps_a_drift_margin_and_never_goes_negative() {
+        let from = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(valid_for(from + ms(1_000), from), ms(988));
+        assert_eq!(valid_for(from + ms(2), from), Duration::ZERO);
+        assert_eq!(valid_for(from, from + ms(5)), Duration::ZERO);
+    }
+
+    #[test]
+    fn lease_ids_are_128_bit_url_safe_and_fresh() {
+        let (a, b) = (new_lease_id(), new_lease_id());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}
