@@ -1,7 +1,5 @@
 """LockService through client.locks: every RPC, the lock context manager (sync and async),
 exclusion across threads, auto-renewal through the Hold stream.
-
-Skipped, saying why, only against an older server whose LockService answers UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -14,16 +12,12 @@ from datetime import timedelta
 
 import pytest
 
-from cachecoord_client import AsyncClient, InvalidArgument, LockLost, LockNotAcquired, Unimplemented
-from conftest import wait_until
+from cachecoord_client import AsyncClient, InvalidArgument, LockLost, LockNotAcquired
+from conftest import Stack, wait_until
 
 
 @pytest.fixture()
 def locks(client):
-    try:
-        client.locks.inspect("probe")
-    except Unimplemented:
-        pytest.skip("LockService answers UNIMPLEMENTED: this server predates the lock service")
     return client.locks
 
 
@@ -173,3 +167,15 @@ def test_hold_not_acquired_raises(locks, ns):
             done.set()
     assert not done.is_set()
     locks.release(lease)
+
+
+def test_auto_renewed_lease_lost_when_redis_goes_away(stacks, ns):
+    stack = Stack("--redis-timeout", "200ms")
+    stacks.append(stack)
+    name = ns + "fragile"
+    with pytest.raises(LockLost):
+        with stack.client.locks.lock(name, ttl=0.6, auto_renew=True) as lease:
+            assert not lease.lost
+            stack.redis.stop()
+            # Renewals fail; the service reports LOST once the last validity is over.
+            wait_until(lambda: lease.lost, "the Hold stream to report the lease lost")
