@@ -222,3 +222,18 @@ def test_cached_rejects_async_function_on_sync_client(client):
         @client.cache.cached(ttl=1)
         async def f():
             return 1
+
+
+def test_cached_computes_uncached_when_another_fill_does_not_land(client, ns):
+    key = ns + "slow"
+    held = client.cache.fetch(key, fill_timeout=60)
+    assert held.fill
+
+    @client.cache.cached(ttl=60, key=key, max_wait=0)
+    def compute():
+        return [1, 2]
+
+    assert compute() == [1, 2]  # TIMEOUT: computed without caching
+    assert client.cache.get(key) is None
+    assert client.cache.fill(key, held.fill_token, b"[3]")
+    assert compute() == [3]

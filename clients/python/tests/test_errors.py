@@ -110,3 +110,33 @@ def test_which_rpcs_retry():
     assert not stats.op_increment([("n", 1)]).retry and stats.op_totals(["n"]).retry
     assert not locks.op_acquire("n", None, None, "").retry and not locks.op_release("n", "l").retry
     assert locks.op_extend("n", "l", None).retry and locks.op_inspect("n").retry
+
+
+def test_async_runner_retries_idempotent_calls_only():
+    import asyncio
+
+    from cachecoord_client._core import AsyncRunner
+
+    class AsyncFlaky(_FlakyStub):
+        async def Method(self, request, timeout):  # type: ignore[override]
+            return super().Method(request, timeout)
+
+    async def main():
+        stub = AsyncFlaky(failures=1)
+        runner = AsyncRunner({"s": stub}, CallPolicy(retries=2, backoff=0.001))
+        assert await runner.run(Op("s", "Method", None, lambda r: r, retry=True)) == "response"
+        assert stub.calls == 2
+        stub = AsyncFlaky(failures=1)
+        runner = AsyncRunner({"s": stub}, CallPolicy(retries=2, backoff=0.001))
+        with pytest.raises(Unavailable):
+            await runner.run(Op("s", "Method", None, lambda r: r, retry=False))
+        assert stub.calls == 1
+
+    asyncio.run(main())
+
+
+def test_fastapi_example_compiles():
+    import py_compile
+    from pathlib import Path
+
+    py_compile.compile(str(Path(__file__).parents[1] / "examples" / "fastapi_rate_limit.py"), doraise=True)
