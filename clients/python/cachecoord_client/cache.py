@@ -1,0 +1,443 @@
+"""CacheService facade and the stampede-safe ``cached`` decorator."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import (
+    Any,
+    Awaitable,
+    Callable,
+    Dict,
+    Iterable,
+
+    Mapping,
+    Optional,
+    Sequence,
+    TypeVar,
+    Union,
+)
+
+from . import _convert as cv
+from ._core import AsyncRunner, Op, SyncRunner
+from ._proto.cachecoord.v1 import cache_pb2 as pb
+
+#: A value to store: bytes as they are, str as UTF-8.
+Value = Union[bytes, str]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A live cache entry."""
+
+    #: The stored bytes.
+    value: bytes
+    #: Time left before it expires; None when it has no expiry.
+    ttl: Optional[timedelta]
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """The answer of ``fetch``: exactly one of hit / fill / timeout is true."""
+
+    #: The entry exists; ``value`` (and ``ttl``) are set.
+    hit: bool
+    #: This caller holds the fill lease: compute, then ``fill`` or ``abandon_fill``.
+    fill: bool
+    #: Another caller's fill did not land within max_wait.
+    timeout: bool
+    #: The value, on a hit.
+    value: bytes = b""
+    #: Remaining TTL on a hit, when the entry has one.
+    ttl: Optional[timedelta] = None
+    #: The lease to pass to fill/abandon_fill, on fill.
+    fill_token: str = ""
+
+
+class Serializer:
+    """How ``cached`` turns values into bytes and back. The default is JSON."""
+
+    def dumps(self, value: Any) -> bytes:
+        """Encodes a value."""
+        return json.dumps(value, separators=(",", ":")).encode()
+
+    def loads(self, data: bytes) -> Any:
+        """Decodes a value."""
+        return json.loads(data)
+
+
+JSON = Serializer()
+
+
+def _bytes(value: Value) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+# --- ops -------------------------------------------------------------------------------
+
+
+def _entry(r: Any) -> Optional[Entry]:
+    return Entry(r.value, cv.from_duration(r, "ttl")) if r.found else None
+
+
+def op_get(key: str) -> Op[Optional[Entry]]:
+    return Op("cache", "Get", pb.GetRequest(key=key), _entry, retry=True)
+
+
+def op_get_many(keys: Sequence[str]) -> Op[Dict[str, Optional[bytes]]]:
+    return Op(
+        "cache",
+        "GetMany",
+        pb.GetManyRequest(keys=list(keys)),
+        lambda r: {e.key: (e.value if e.found else None) for e in r.entries},
+        retry=True,
+    )
+
+
+def op_set(
+    key: str,
+    value: Value,
+    ttl: Optional[cv.Seconds],
+    if_absent: bool,
+    if_present: bool,
+    tags: Iterable[str],
+) -> Op[bool]:
+    if if_absent and if_present:
+        raise ValueError("if_absent and if_present exclude each other")
+    condition = (
+        pb.SET_CONDITION_IF_ABSENT
+        if if_absent
+        else pb.SET_CONDITION_IF_PRESENT
+        if if_present
+        else pb.SET_CONDITION_UNSPECIFIED
+    )
+    req = pb.SetRequest(key=key, value=_bytes(value), ttl=cv.duration(ttl), condition=condition, tags=list(tags))
+    # An unconditional write repeated is the same write; a conditional one may answer
+    # false after its own first attempt landed, so it is not retried.
+    return Op("cache", "Set", req, lambda r: bool(r.stored), retry=condition == pb.SET_CONDITION_UNSPECIFIED)
+
+
+def op_set_many(items: Mapping[str, Value], ttl: Optional[cv.Seconds], tags: Iterable[str]) -> Op[int]:
+    tag_list = list(tags)
+    req = pb.SetManyRequest(
+        items=[pb.SetItem(key=k, value=_bytes(v), ttl=cv.duration(ttl), tags=tag_list) for k, v in items.items()]
+    )
+    return Op("cache", "SetMany", req, lambda r: int(r.stored), retry=True)
+
+
+def op_delete(keys: Sequence[str]) -> Op[int]:
+    return Op("cache", "Delete", pb.DeleteRequest(keys=list(keys)), lambda r: int(r.deleted), retry=True)
+
+
+def op_touch(key: str, ttl: cv.Seconds) -> Op[bool]:
+    return Op("cache", "Touch", pb.TouchRequest(key=key, ttl=cv.duration(ttl)), lambda r: bool(r.found), retry=True)
+
+
+def _fetch_result(r: Any) -> FetchResult:
+    return FetchResult(
+        hit=r.outcome == pb.FETCH_OUTCOME_HIT,
+        fill=r.outcome == pb.FETCH_OUTCOME_FILL,
+        timeout=r.outcome == pb.FETCH_OUTCOME_TIMEOUT,
+        value=r.value,
+        ttl=cv.from_duration(r, "ttl"),
+        fill_token=r.fill_token,
+    )
+
+
+def op_fetch(key: str, fill_timeout: Optional[cv.Seconds], max_wait: Optional[cv.Seconds]) -> Op[FetchResult]:
+    req = pb.FetchRequest(key=key, fill_timeout=cv.duration(fill_timeout), max_wait=cv.duration(max_wait))
+    # Not retried: a lost answer may have granted this caller a lease it never learns of.
+    # The server may wait up to max_wait (default: its fill timeout, 10 s) before answering.
+    wait = cv.to_timedelta(max_wait).total_seconds() if max_wait is not None else 10.0
+    return Op("cache", "Fetch", req, _fetch_result, server_wait=wait)
+
+
+def op_fill(key: str, token: str, value: Value, ttl: Optional[cv.Seconds], tags: Iterable[str]) -> Op[bool]:
+    req = pb.FillRequest(key=key, fill_token=token, value=_bytes(value), ttl=cv.duration(ttl), tags=list(tags))
+    return Op("cache", "Fill", req, lambda r: bool(r.stored))
+
+
+def op_abandon_fill(key: str, token: str) -> Op[bool]:
+    req = pb.AbandonFillRequest(key=key, fill_token=token)
+    return Op("cache", "AbandonFill", req, lambda r: bool(r.released))
+
+
+def op_invalidate_tags(tags: Sequence[str]) -> Op[int]:
+    req = pb.InvalidateTagsRequest(tags=list(tags))
+    return Op("cache", "InvalidateTags", req, lambda r: int(r.invalidated), retry=True)
+
+
+# --- key building for cached -----------------------------------------------------------
+
+KeySpec = Union[str, Callable[..., str], None]
+
+
+def _key_builder(func: Callable[..., Any], key: KeySpec) -> Callable[..., str]:
+    if callable(key):
+        return key
+    sig = inspect.signature(func)
+    if isinstance(key, str):
+        template = key
+
+        def from_template(*args: Any, **kwargs: Any) -> str:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return template.format(**bound.arguments)
+
+        return from_template
+    prefix = f"{func.__module__}.{func.__qualname__}"
+
+    def default(*args: Any, **kwargs: Any) -> str:
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        digest = hashlib.sha256(json.dumps(bound.arguments, sort_keys=True, default=repr).encode()).hexdigest()
+        return f"{prefix}:{digest[:32]}"
+
+    return default
+
+
+# --- facades ---------------------------------------------------------------------------
+
+
+class Cache:
+    """``client.cache``: CacheService with Python types."""
+
+    def __init__(self, runner: SyncRunner) -> None:
+        self._run = runner.run
+
+    def get(self, key: str) -> Optional[bytes]:
+        """The value under key, or None on a miss."""
+        entry = self._run(op_get(key))
+        return entry.value if entry else None
+
+    def get_entry(self, key: str) -> Optional[Entry]:
+        """The entry (value and remaining TTL), or None on a miss."""
+        return self._run(op_get(key))
+
+    def get_many(self, keys: Sequence[str]) -> Dict[str, Optional[bytes]]:
+        """Values by key (None for misses), in one round trip."""
+        return self._run(op_get_many(keys))
+
+    def set(
+        self,
+        key: str,
+        value: Value,
+        ttl: Optional[cv.Seconds] = None,
+        *,
+        if_absent: bool = False,
+        if_present: bool = False,
+        tags: Iterable[str] = (),
+    ) -> bool:
+        """Writes value (str as UTF-8); ttl None means the server default. False when the
+        condition did not hold."""
+        return self._run(op_set(key, value, ttl, if_absent, if_present, tags))
+
+    def set_many(self, items: Mapping[str, Value], ttl: Optional[cv.Seconds] = None, *, tags: Iterable[str] = ()) -> int:
+        """Writes all items in one round trip; answers how many were written."""
+        return self._run(op_set_many(items, ttl, tags))
+
+    def delete(self, *keys: str) -> int:
+        """Deletes keys; answers how many had a live entry."""
+        return self._run(op_delete(keys))
+
+    def touch(self, key: str, ttl: cv.Seconds) -> bool:
+        """Gives an entry a new TTL; False when it does not exist."""
+        return self._run(op_touch(key, ttl))
+
+    def fetch(
+        self, key: str, *, fill_timeout: Optional[cv.Seconds] = None, max_wait: Optional[cv.Seconds] = None
+    ) -> FetchResult:
+        """The stampede-safe read (see ``cached`` for the usual way to use it)."""
+        return self._run(op_fetch(key, fill_timeout, max_wait))
+
+    def fill(
+        self, key: str, fill_token: str, value: Value, ttl: Optional[cv.Seconds] = None, *, tags: Iterable[str] = ()
+    ) -> bool:
+        """Stores a value under a fill lease; False when the lease is no longer current."""
+        return self._run(op_fill(key, fill_token, value, ttl, tags))
+
+    def abandon_fill(self, key: str, fill_token: str) -> bool:
+        """Hands a fill lease back so a waiter gets it at once."""
+        return self._run(op_abandon_fill(key, fill_token))
+
+    def invalidate_tags(self, *tags: str) -> int:
+        """Deletes every entry carrying any of tags; answers how many."""
+        return self._run(op_invalidate_tags(tags))
+
+    def cached(
+        self,
+        ttl: Optional[cv.Seconds] = None,
+        key: KeySpec = None,
+        *,
+        tags: Iterable[str] = (),
+        serializer: Serializer = JSON,
+        fill_timeout: Optional[cv.Seconds] = None,
+        max_wait: Optional[cv.Seconds] = None,
+    ) -> Callable[[F], F]:
+        """Decorator: caches a function's result under ``key``, stampede-safe.
+
+        ``key`` is a format string over the function's arguments (``"user:{user_id}"``),
+        a callable taking the same arguments, or None (module.qualname plus a hash of the
+        arguments). On a miss exactly one caller runs the function and fills the value;
+        concurrent callers wait for it server-side. If the function raises, the lease is
+        handed back (AbandonFill) so a waiter can compute at once, and the exception
+        propagates. If another caller's fill does not land within ``max_wait``, the
+        function runs without caching its result.
+        """
+        tag_list = list(tags)
+
+        def decorate(func: F) -> F:
+            if inspect.iscoroutinefunction(func):
+                raise TypeError("cached on a sync Client decorates sync functions; use AsyncClient for async ones")
+            build_key = _key_builder(func, key)
+
+            @functools.wraps(func)
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                k = build_key(*args, **kwargs)
+                r = self.fetch(k, fill_timeout=fill_timeout, max_wait=max_wait)
+                if r.hit:
+                    return serializer.loads(r.value)
+                if r.timeout:
+                    return func(*args, **kwargs)
+                try:
+                    result = func(*args, **kwargs)
+                    data = serializer.dumps(result)
+                except BaseException:
+                    _quietly(lambda: self.abandon_fill(k, r.fill_token))
+                    raise
+                self.fill(k, r.fill_token, data, ttl, tags=tag_list)
+                return result
+
+            return wrapper  # type: ignore[return-value]
+
+        return decorate
+
+
+class AsyncCache:
+    """``client.cache`` on an AsyncClient: the same methods as ``Cache``, awaitable."""
+
+    def __init__(self, runner: AsyncRunner) -> None:
+        self._run = runner.run
+
+    async def get(self, key: str) -> Optional[bytes]:
+        """See ``Cache.get``."""
+        entry = await self._run(op_get(key))
+        return entry.value if entry else None
+
+    async def get_entry(self, key: str) -> Optional[Entry]:
+        """See ``Cache.get_entry``."""
+        return await self._run(op_get(key))
+
+    async def get_many(self, keys: Sequence[str]) -> Dict[str, Optional[bytes]]:
+        """See ``Cache.get_many``."""
+        return await self._run(op_get_many(keys))
+
+    async def set(
+        self,
+        key: str,
+        value: Value,
+        ttl: Optional[cv.Seconds] = None,
+        *,
+        if_absent: bool = False,
+        if_present: bool = False,
+        tags: Iterable[str] = (),
+    ) -> bool:
+        """See ``Cache.set``."""
+        return await self._run(op_set(key, value, ttl, if_absent, if_present, tags))
+
+    async def set_many(
+        self, items: Mapping[str, Value], ttl: Optional[cv.Seconds] = None, *, tags: Iterable[str] = ()
+    ) -> int:
+        """See ``Cache.set_many``."""
+        return await self._run(op_set_many(items, ttl, tags))
+
+    async def delete(self, *keys: str) -> int:
+        """See ``Cache.delete``."""
+        return await self._run(op_delete(keys))
+
+    async def touch(self, key: str, ttl: cv.Seconds) -> bool:
+        """See ``Cache.touch``."""
+        return await self._run(op_touch(key, ttl))
+
+    async def fetch(
+        self, key: str, *, fill_timeout: Optional[cv.Seconds] = None, max_wait: Optional[cv.Seconds] = None
+    ) -> FetchResult:
+        """See ``Cache.fetch``."""
+        return await self._run(op_fetch(key, fill_timeout, max_wait))
+
+    async def fill(
+        self, key: str, fill_token: str, value: Value, ttl: Optional[cv.Seconds] = None, *, tags: Iterable[str] = ()
+    ) -> bool:
+        """See ``Cache.fill``."""
+        return await self._run(op_fill(key, fill_token, value, ttl, tags))
+
+    async def abandon_fill(self, key: str, fill_token: str) -> bool:
+        """See ``Cache.abandon_fill``."""
+        return await self._run(op_abandon_fill(key, fill_token))
+
+    async def invalidate_tags(self, *tags: str) -> int:
+        """See ``Cache.invalidate_tags``."""
+        return await self._run(op_invalidate_tags(tags))
+
+    def cached(
+        self,
+        ttl: Optional[cv.Seconds] = None,
+        key: KeySpec = None,
+        *,
+        tags: Iterable[str] = (),
+        serializer: Serializer = JSON,
+        fill_timeout: Optional[cv.Seconds] = None,
+        max_wait: Optional[cv.Seconds] = None,
+    ) -> Callable[[F], F]:
+        """See ``Cache.cached``; decorates ``async def`` functions."""
+        tag_list = list(tags)
+
+        def decorate(func: F) -> F:
+            if not inspect.iscoroutinefunction(func):
+                raise TypeError("cached on an AsyncClient decorates async functions; use Client for sync ones")
+            build_key = _key_builder(func, key)
+
+            @functools.wraps(func)
+            async def wrapper(*args: Any, **kwargs: Any) -> Any:
+                k = build_key(*args, **kwargs)
+                r = await self.fetch(k, fill_timeout=fill_timeout, max_wait=max_wait)
+                if r.hit:
+                    return serializer.loads(r.value)
+                if r.timeout:
+                    return await func(*args, **kwargs)
+                try:
+                    result = await func(*args, **kwargs)
+                    data = serializer.dumps(result)
+                except BaseException:
+                    await _aquietly(self.abandon_fill(k, r.fill_token))
+                    raise
+                await self.fill(k, r.fill_token, data, ttl, tags=tag_list)
+                return result
+
+            return wrapper  # type: ignore[return-value]
+
+        return decorate
+
+
+def _quietly(call: Callable[[], Any]) -> None:
+    # Handing a lease back is best effort: if it fails, the lease expires after
+    # fill_timeout, and the caller's own exception is the one worth seeing.
+    try:
+        call()
+    except Exception:
+        pass
+
+
+async def _aquietly(call: Awaitable[Any]) -> None:
+    try:
+        await call
+    except Exception:
+        pass
+
+
+__all__ = ["Cache", "AsyncCache", "Entry", "FetchResult", "Serializer", "JSON"]

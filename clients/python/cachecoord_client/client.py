@@ -1,0 +1,129 @@
+"""``Client`` (blocking) and ``AsyncClient`` (grpc.aio)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import grpc
+
+from ._core import AsyncRunner, CallPolicy, SyncRunner
+from ._proto.cachecoord.v1 import (
+    cache_pb2_grpc,
+    lock_pb2_grpc,
+    rate_limit_pb2_grpc,
+    session_pb2_grpc,
+    stats_pb2_grpc,
+)
+from .cache import AsyncCache, Cache
+from .locks import AsyncLocks, Locks
+from .rate_limit import AsyncRateLimits, RateLimits
+from .sessions import AsyncSessions, Sessions
+from .stats import AsyncStats, Stats
+
+Options = Sequence[Tuple[str, Any]]
+
+
+def _stubs(channel: Any) -> Dict[str, Any]:
+    return {
+        "cache": cache_pb2_grpc.CacheServiceStub(channel),
+        "sessions": session_pb2_grpc.SessionServiceStub(channel),
+        "rate_limit": rate_limit_pb2_grpc.RateLimitServiceStub(channel),
+        "locks": lock_pb2_grpc.LockServiceStub(channel),
+        "stats": stats_pb2_grpc.StatsServiceStub(channel),
+    }
+
+
+class Client:
+    """A blocking client for cachecoord, safe to share between threads.
+
+    ``Client("localhost:50051")`` opens a plaintext channel; pass ``credentials`` for TLS
+    or ``channel`` to bring your own. ``timeout`` is the default deadline of every call in
+    seconds (calls that wait server-side get that wait on top); ``retries`` is how often
+    idempotent calls are retried after UNAVAILABLE. Use as a context manager or ``close()``.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float = 5.0,
+        retries: int = 2,
+        credentials: Optional[grpc.ChannelCredentials] = None,
+        options: Optional[Options] = None,
+        channel: Optional[grpc.Channel] = None,
+    ) -> None:
+        if channel is None:
+            channel = (
+                grpc.secure_channel(target, credentials, options)
+                if credentials is not None
+                else grpc.insecure_channel(target, options)
+            )
+        self._channel = channel
+        runner = SyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries))
+        #: CacheService.
+        self.cache = Cache(runner)
+        #: SessionService.
+        self.sessions = Sessions(runner)
+        #: RateLimitService.
+        self.rate_limit = RateLimits(runner)
+        #: LockService.
+        self.locks = Locks(runner)
+        #: StatsService.
+        self.stats = Stats(runner)
+
+    def close(self) -> None:
+        """Closes the channel."""
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio client (grpc.aio); the same facades with awaitable methods.
+
+    Create it inside the running event loop; ``async with AsyncClient(...) as client:``
+    or ``await client.close()``.
+    """
+
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        timeout: float = 5.0,
+        retries: int = 2,
+        credentials: Optional[grpc.ChannelCredentials] = None,
+        options: Optional[Options] = None,
+        channel: Optional[grpc.aio.Channel] = None,
+    ) -> None:
+        if channel is None:
+            channel = (
+                grpc.aio.secure_channel(target, credentials, options)
+                if credentials is not None
+                else grpc.aio.insecure_channel(target, options)
+            )
+        self._channel = channel
+        runner = AsyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries))
+        #: CacheService.
+        self.cache = AsyncCache(runner)
+        #: SessionService.
+        self.sessions = AsyncSessions(runner)
+        #: RateLimitService.
+        self.rate_limit = AsyncRateLimits(runner)
+        #: LockService.
+        self.locks = AsyncLocks(runner)
+        #: StatsService.
+        self.stats = AsyncStats(runner)
+
+    async def close(self) -> None:
+        """Closes the channel."""
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
