@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 use deadpool_redis::redis::{Script, Value, aio::MultiplexedConnection};
 use tokio::time::Instant;
 
-use super::{Redis, wake::Waiters};
+use super::{Redis, millis, random_token, wake::Waiters};
 use crate::{
     error::{Error, Result},
     keys::Keys,
@@ -211,7 +211,7 @@ impl CacheStore {
     }
 
     async fn try_fetch(self: &Arc<Self>, entry_key: &str, lease_key: &str, fill_timeout: Duration) -> Result<Attempt> {
-        let token = format!("{:032x}", rand::random::<u128>());
+        let token = random_token();
         // Should this call be cancelled while the script is under way, the
         // script may still grant the lease to a caller who will never fill:
         // the guard hands it back.
@@ -318,9 +318,4 @@ fn entry(value: Option<Vec<u8>>, pttl: i64) -> Entry {
         // PTTL is -1 for an entry without expiry.
         Some(value) => Entry { value: Some(value), ttl: u64::try_from(pttl).ok().map(Duration::from_millis) },
     }
-}
-
-/// Whole milliseconds, rounded up so a positive TTL never becomes zero.
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }

@@ -14,7 +14,7 @@ use std::{
 use deadpool_redis::redis::{FromRedisValue, Script, ScriptInvocation, Value, aio::MultiplexedConnection};
 use tokio::time::Instant;
 
-use super::{Redis, wake::Waiters};
+use super::{Redis, millis, random_token, wake::Waiters};
 use crate::{
     error::{Error, Result},
     keys::Keys,
@@ -147,7 +147,7 @@ impl LockStore {
     ) -> Result<Option<Grant>> {
         let key = self.keys.lock(name);
         let fence = self.keys.lock_fence(name);
-        let lease_id = new_lease_id();
+        let lease_id = random_token();
         let deadline = match self.attempt(&key, &fence, &lease_id, owner, ttl).await? {
             Attempt::Taken(grant) => return Ok(Some(grant)),
             Attempt::Held(_) => match deadline {
@@ -298,16 +298,6 @@ pub fn valid_for(lease_floor: Instant, from: Instant) -> Duration {
     span.saturating_sub(span / 100 + Duration::from_millis(2))
 }
 
-/// 128 random bits from the thread's CSPRNG, as 32 hex digits (URL-safe).
-fn new_lease_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
-}
-
-/// Whole milliseconds, rounded up so a positive TTL never becomes zero.
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,7 +313,7 @@ mod tests {
 
     #[test]
     fn lease_ids_are_128_bit_url_safe_and_fresh() {
-        let (a, b) = (new_lease_id(), new_lease_id());
+        let (a, b) = (random_token(), random_token());
         assert_eq!(a.len(), 32);
         assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);

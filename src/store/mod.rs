@@ -120,6 +120,18 @@ impl Redis {
     }
 }
 
+/// Whole milliseconds (the scripts' unit), rounded up so a positive TTL never
+/// becomes zero.
+pub(crate) fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
+}
+
+/// 128 random bits from the thread's CSPRNG, as 32 hex digits (URL-safe):
+/// fill lease tokens and lock lease ids.
+pub(crate) fn random_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
 /// Opens multiplexed connections for the pool.
 ///
 /// Unlike deadpool-redis's manager, it does not PING on every checkout
@@ -162,4 +174,23 @@ fn discard_if_broken<T>(conn: Object<Manager>, result: RedisResult<T>) -> RedisR
         let _ = Object::take(conn);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn millis_round_up() {
+        assert_eq!(millis(Duration::from_nanos(1)), 1);
+        assert_eq!(millis(Duration::from_millis(1500)), 1500);
+    }
+
+    #[test]
+    fn tokens_are_128_bits_of_hex() {
+        let (a, b) = (random_token(), random_token());
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
 }

@@ -7,7 +7,7 @@ use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use deadpool_redis::redis::{self, Script, Value};
 use sha2::{Digest, Sha256};
 
-use super::Redis;
+use super::{Redis, millis};
 use crate::{
     error::{Error, Result},
     keys::Keys,
@@ -268,11 +268,6 @@ fn unexpected(script: &str, reply: &[Value]) -> Error {
     Error::Internal(format!("{script} returned {reply:?}"))
 }
 
-/// Whole milliseconds, rounded up so a positive TTL never becomes zero.
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -296,11 +291,5 @@ mod tests {
     fn token_hash_is_hex_sha256() {
         // SHA-256("abc"), from FIPS 180-2.
         assert_eq!(token_hash("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-    }
-
-    #[test]
-    fn millis_round_up() {
-        assert_eq!(millis(Duration::from_nanos(1)), 1);
-        assert_eq!(millis(Duration::from_millis(1500)), 1500);
     }
 }
