@@ -7,12 +7,12 @@
 //! cancel-safe (see the Fetch and Lock guards).
 
 use std::{
-    future::Future,
-    pin::Pin,
     task::{Context, Poll},
     time::Duration,
 };
 
+use futures::future::{Either, FutureExt, Map};
+use tokio::time::{Timeout, error::Elapsed};
 use tower::{Layer, Service};
 
 use crate::api::parse_grpc_timeout;
@@ -35,19 +35,21 @@ pub struct Deadline<S> {
     inner: S,
 }
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 /// How much sooner than tonic's own timer this one fires.
 const MARGIN: Duration = Duration::from_millis(2);
+
+type Answer<E> = Result<http::Response<tonic::body::Body>, E>;
+
+/// The call, under a timer when it has a deadline; no allocation per call.
+type DeadlineFuture<F, E> = Either<Map<Timeout<F>, fn(Result<Answer<E>, Elapsed>) -> Answer<E>>, F>;
 
 impl<S, B> Service<http::Request<B>> for Deadline<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
-    S::Future: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
+    type Future = DeadlineFuture<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -63,16 +65,16 @@ where
             .and_then(parse_grpc_timeout)
             .map(|d| tokio::time::Instant::now() + d.saturating_sub(MARGIN));
         let call = self.inner.call(request);
-        Box::pin(async move {
-            let Some(deadline) = deadline else {
-                return call.await;
-            };
-            match tokio::time::timeout_at(deadline, call).await {
-                Ok(response) => response,
-                Err(_) => Ok(tonic::Status::deadline_exceeded("the caller's deadline passed").into_http()),
-            }
-        })
+        match deadline {
+            None => Either::Right(call),
+            Some(deadline) => Either::Left(tokio::time::timeout_at(deadline, call).map(passed_deadline::<S::Error>)),
+        }
     }
+}
+
+/// The call's own answer, or `DEADLINE_EXCEEDED` once the deadline passed.
+fn passed_deadline<E>(outcome: Result<Answer<E>, Elapsed>) -> Answer<E> {
+    outcome.unwrap_or_else(|_| Ok(tonic::Status::deadline_exceeded("the caller's deadline passed").into_http()))
 }
 
 #[cfg(test)]
@@ -88,14 +90,14 @@ mod tests {
     impl Service<http::Request<()>> for Never {
         type Response = http::Response<tonic::body::Body>;
         type Error = Infallible;
-        type Future = BoxFuture<Result<Self::Response, Infallible>>;
+        type Future = std::future::Pending<Result<Self::Response, Infallible>>;
 
         fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
             Poll::Ready(Ok(()))
         }
 
         fn call(&mut self, _: http::Request<()>) -> Self::Future {
-            Box::pin(std::future::pending())
+            std::future::pending()
         }
     }
 
