@@ -19,6 +19,7 @@ from cachecoord_client.rate_limit import AsyncRateLimits, RateLimits
 from cachecoord_client.sessions import AsyncSessions, Sessions
 from cachecoord_client.stats import AsyncStats, Stats
 from conftest import run_async
+from test_errors import _Err
 
 FACADES = [Cache, AsyncCache, Sessions, AsyncSessions, RateLimits, AsyncRateLimits, Locks, AsyncLocks, Stats, AsyncStats]
 
@@ -93,17 +94,6 @@ def test_every_facade_method_passes_its_timeout_to_the_call(cls):
         if is_async:
             asyncio.run(result)
         assert recorder.timeouts == [0.123], f"{cls.__name__}.{name}"
-
-
-class _Err(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode) -> None:
-        self._code = code
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return "injected"
 
 
 class _AlwaysUnavailable:
