@@ -82,6 +82,8 @@ struct Point {
     latency: Histogram<u64>,
     /// Redis's CPU time (user + sys) over the measured window.
     redis_cpu: Duration,
+    /// The service process's CPU time over the measured window.
+    service_cpu: Duration,
 }
 
 impl Point {
@@ -94,6 +96,10 @@ impl Point {
     /// Redis CPU µs per call.
     fn redis_us(&self) -> f64 {
         self.redis_cpu.as_secs_f64() * 1e6 / self.calls.max(1) as f64
+    }
+    /// Service CPU µs per call (zero for targets that do not call it).
+    fn service_us(&self) -> f64 {
+        self.service_cpu.as_secs_f64() * 1e6 / self.calls.max(1) as f64
     }
 }
 
@@ -170,6 +176,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         service.env(name, value);
     }
     let service = Process(service.spawn()?);
+    let service_pid = service.0.id();
     let clients = Arc::new(Clients::connect(grpc_port, &redis_url, args.connections).await?);
 
     let mut points = Vec::new();
@@ -179,15 +186,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             if !clients.available(*target) || !wanted {
                 continue;
             }
-            let point = measure(&clients, *target, callers, args.warmup, args.duration).await?;
+            let point = measure(&clients, *target, callers, args.warmup, args.duration, service_pid).await?;
             eprintln!(
-                "{:<34} callers {:>3}: {:>9.0}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  redis {:>5.1} µs/call",
+                "{:<34} callers {:>3}: {:>9.0}/s  p50 {:>7.3} ms  p99 {:>7.3} ms  µs/call: redis {:>5.1} service {:>5.1}",
                 point.target,
                 callers,
                 point.rate(),
                 point.p(0.5),
                 point.p(0.99),
-                point.redis_us()
+                point.redis_us(),
+                point.service_us()
             );
             points.push(point);
         }
@@ -210,6 +218,7 @@ async fn measure(
     callers: usize,
     warmup: Duration,
     duration: Duration,
+    service_pid: u32,
 ) -> Result<Point, Box<dyn std::error::Error>> {
     let start = Instant::now() + warmup;
     let end = start + duration;
@@ -236,9 +245,9 @@ async fn measure(
         })
         .collect();
     tokio::time::sleep_until(start.into()).await;
-    let cpu_before = clients.redis_cpu().await?;
+    let (cpu_before, service_before) = (clients.redis_cpu().await?, process_cpu(service_pid));
     tokio::time::sleep_until(end.into()).await;
-    let cpu_after = clients.redis_cpu().await?;
+    let (cpu_after, service_after) = (clients.redis_cpu().await?, process_cpu(service_pid));
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut calls = 0;
     for task in tasks {
@@ -247,12 +256,24 @@ async fn measure(
         latency.add(h)?;
     }
     let redis_cpu = cpu_after.saturating_sub(cpu_before);
-    Ok(Point { target: target.name(), callers, calls, elapsed: duration, latency, redis_cpu })
+    let service_cpu = service_after.saturating_sub(service_before);
+    Ok(Point { target: target.name(), callers, calls, elapsed: duration, latency, redis_cpu, service_cpu })
+}
+
+/// A process's CPU time so far (user + system), from `/proc/<pid>/stat`.
+fn process_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at state;
+    // utime and stime are the 14th and 15th fields of the whole line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let ticks: u64 = rest.split_whitespace().skip(11).take(2).filter_map(|f| f.parse::<u64>().ok()).sum();
+    // Linux reports these in clock ticks of 1/100 s (USER_HZ) on every common platform.
+    Duration::from_millis(ticks * 10)
 }
 
 /// Peak RSS (VmHWM) of the service after 1,000 concurrent calls.
 async fn in_flight_rss(clients: &Arc<Clients>, pid: u32) -> Result<Option<u64>, Box<dyn std::error::Error>> {
-    measure(clients, Target::CacheGet, 1000, Duration::ZERO, Duration::from_secs(1)).await?;
+    measure(clients, Target::CacheGet, 1000, Duration::ZERO, Duration::from_secs(1), pid).await?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     Ok(status
         .lines()
@@ -294,9 +315,9 @@ fn report(args: &Args, points: &[Point], handoff: Option<(f64, f64)>, rss_kb: Op
     );
     let _ = writeln!(
         out,
-        "| target | callers | calls/s | p50 ms | p99 ms | Redis µs/call | ÷ echo | ÷ redis | ÷ store | glue overhead |"
+        "| target | callers | calls/s | p50 ms | p99 ms | Redis µs/call | service µs/call | ÷ echo | ÷ redis | ÷ store | glue overhead |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for point in points {
         let (mut vs_echo, mut vs_redis, mut vs_store, mut glue) =
             (String::new(), String::new(), String::new(), String::new());
@@ -314,20 +335,22 @@ fn report(args: &Args, points: &[Point], handoff: Option<(f64, f64)>, rss_kb: Op
         }
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.1} | {vs_echo} | {vs_redis} | {vs_store} | {glue} |",
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.1} | {} | {vs_echo} | {vs_redis} | {vs_store} | {glue} |",
             point.target,
             point.callers,
             point.rate(),
             point.p(0.5),
             point.p(0.99),
-            point.redis_us()
+            point.redis_us(),
+            if point.service_cpu.is_zero() { String::new() } else { format!("{:.1}", point.service_us()) }
         );
     }
     let _ = writeln!(
         out,
         "\nglue overhead = (1/R_svc) / (1/R_echo + 1/R_redis) − 1, per concurrency, where R_redis is the \
-         plain-client floor of the same row group (the first `redis …` row after it). Redis µs/call is \
-         Redis's own CPU time over the measured window divided by the calls made.\n"
+         plain-client floor of the same row group (the first `redis …` row after it). Redis µs/call and \
+         service µs/call are the CPU time of each process over the measured window divided by the calls \
+         made (clock ticks of 10 ms: rough below a few thousand calls).\n"
     );
     let _ = writeln!(out, "## Derived\n");
     for &callers in &args.callers {

@@ -149,8 +149,14 @@ impl Redis {
             .build()
             .map_err(|e| format!("redis connections: {e}"))?;
         let slots = (0..connections).map(|_| Slot::default()).collect();
-        let shared =
-            Shared { pool, slots, next: AtomicUsize::new(0), epoch: Instant::now(), client, timeout: config.redis_timeout };
+        let shared = Shared {
+            pool,
+            slots,
+            next: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            client,
+            timeout: config.redis_timeout,
+        };
         Ok(Self { shared: Arc::new(shared) })
     }
 
@@ -228,9 +234,10 @@ impl Redis {
         let slots = &self.shared.slots;
         let now = self.now_us();
         let stall = u64::try_from(STALL.as_micros()).unwrap_or(u64::MAX);
-        slots.iter().find(|slot| !slot.load.stalled(now, stall)).unwrap_or_else(|| {
-            &slots[self.shared.next.fetch_add(1, Ordering::Relaxed) % slots.len()]
-        })
+        slots
+            .iter()
+            .find(|slot| !slot.load.stalled(now, stall))
+            .unwrap_or_else(|| &slots[self.shared.next.fetch_add(1, Ordering::Relaxed) % slots.len()])
     }
 
     /// Counts a call on a slot until the returned guard drops.
