@@ -262,3 +262,34 @@ async fn the_first_call_after_redis_is_back_succeeds_on_every_service() {
     // the next call of each kind opens a fresh one.
     mixed_call(&server, 0).await.expect("no call fails once Redis answers again");
 }
+
+#[tokio::test]
+async fn commands_in_flight_are_bounded_and_the_rest_wait_then_give_up() {
+    let redis = RedisServer::start().await;
+    let flags = ["--redis-timeout", "300ms", "--redis-connections", "1", "--redis-max-in-flight", "2"];
+    let server = TestServer::start_with(&redis, &flags).await;
+    server.cache().set(set("k")).await.unwrap();
+    server.cache().get(get("k")).await.unwrap(); // loads the script
+    let before = redis.calls("evalsha").await;
+
+    // Far longer than the timeout, so even a call that reaches the service
+    // late gives up long before the stall ends and frees a place.
+    let stall = redis.stall(3.0).await;
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let mut cache = server.cache();
+            tokio::spawn(async move { cache.get(get("k")).await })
+        })
+        .collect();
+    for call in calls {
+        let status = call.await.unwrap().expect_err("redis is stalled");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    stall.await.unwrap();
+
+    // Only the two calls that held a slot reached Redis; the other eight
+    // gave up while waiting and were never sent.
+    let sent = redis.calls("evalsha").await - before;
+    assert_eq!(sent, 2, "commands sent during the stall");
+    assert!(server.cache().get(get("k")).await.unwrap().into_inner().found);
+}

@@ -20,9 +20,13 @@
 //! next call on that slot gets a fresh one, so a killed connection costs at
 //! most the calls that were in flight on it.
 //!
-//! Commands in flight are bounded per connection (`--redis-max-in-flight`
-//! shared among the slots): past the bound, calls wait for a permit within
-//! their time bound instead of queueing without limit.
+//! Commands in flight are bounded (`--redis-max-in-flight`): past the bound,
+//! calls wait for a place within their time bound instead of queueing
+//! without limit. A place is held until Redis has answered, not until the
+//! caller stops waiting: a call given up before its reply keeps its place
+//! until a PING sent behind it on the same connection comes back (or
+//! [`FENCE_MAX`] passes), so a stalled Redis never accumulates more than the
+//! bound of unanswered commands, however many callers time out meanwhile.
 
 use std::{
     future::Future,
@@ -38,10 +42,11 @@ use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
 use deadpool_redis::{
     Runtime,
     redis::{
-        self, AsyncConnectionConfig, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind,
+        self, AsyncConnectionConfig, Cmd, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind,
         RedisError, RedisResult, ScriptInvocation, aio::MultiplexedConnection,
     },
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::{
     config::Config,
@@ -59,6 +64,11 @@ pub struct Redis {
 /// stalled: new calls go to the next connection.
 const STALL: Duration = Duration::from_millis(1);
 
+/// Longest a call given up before its reply keeps its place in flight
+/// (waiting for Redis to answer what was sent), so a connection that went
+/// silent without closing cannot hold places forever.
+const FENCE_MAX: Duration = Duration::from_secs(30);
+
 struct Shared {
     /// Creates, checks and replaces the connections the slots hold.
     pool: managed::Pool<Manager>,
@@ -68,6 +78,8 @@ struct Shared {
     next: AtomicUsize,
     /// The zero of the slots' progress clocks.
     epoch: Instant,
+    /// Places for commands in flight (`--redis-max-in-flight`).
+    in_flight: Arc<Semaphore>,
     /// A client for dedicated connections (pub/sub), which calls never share.
     client: redis::Client,
     /// Upper bound on one operation, connecting included.
@@ -96,10 +108,24 @@ struct Load {
     progress_us: AtomicU64,
 }
 
-/// One pending call on a slot; answered (or given up) on drop.
-struct Pending<'a> {
-    load: &'a Load,
+/// One command in flight: its place under the bound and its count in the
+/// slot's load. Dropped before [`InFlight::land`] (the caller gave up), it
+/// keeps both until Redis has answered what was sent.
+struct InFlight {
+    /// The place under `--redis-max-in-flight`.
+    permit: Option<OwnedSemaphorePermit>,
+    /// The slot's load.
+    load: Arc<Load>,
+    /// The load clock's zero.
     epoch: Instant,
+    /// The connection the command went out on, until it lands.
+    fence: Option<MultiplexedConnection>,
+}
+
+/// What a call sends.
+enum Call<'a> {
+    Script(&'a ScriptInvocation<'a>),
+    Cmd(&'a Cmd),
 }
 
 /// A connection as the pool holds it: the multiplexed connection and the flag
@@ -133,12 +159,10 @@ impl Redis {
         let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
         let client = redis::Client::open(info.set_redis_settings(settings)).map_err(|e| format!("--redis-url: {e}"))?;
         let connections = config.redis_connections;
-        let per_connection = config.redis_max_in_flight.div_ceil(connections).max(1);
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.redis_connect_timeout))
             .set_response_timeout(Some(config.redis_timeout))
-            .set_concurrency_limit(per_connection)
-            .set_pipeline_buffer_size(per_connection);
+            .set_pipeline_buffer_size(config.redis_max_in_flight);
         let manager = Manager { client: client.clone(), connection };
         let pool = managed::Pool::builder(manager)
             .max_size(connections)
@@ -154,6 +178,7 @@ impl Redis {
             slots,
             next: AtomicUsize::new(0),
             epoch: Instant::now(),
+            in_flight: Arc::new(Semaphore::new(config.redis_max_in_flight)),
             client,
             timeout: config.redis_timeout,
         };
@@ -164,20 +189,16 @@ impl Redis {
     pub async fn invoke<T: FromRedisValue>(&self, script: &ScriptInvocation<'_>) -> Result<T> {
         self.bounded(async {
             let mut conn = self.pick().conn(&self.shared.pool).await?;
-            let _pending = self.pending(&conn.load);
-            let result = script.invoke_async(&mut conn.conn).await;
-            Ok(conn.check(result)?)
+            self.send(&mut conn, Call::Script(script)).await
         })
         .await
     }
 
     /// Runs one command.
-    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+    pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
         self.bounded(async {
             let mut conn = self.pick().conn(&self.shared.pool).await?;
-            let _pending = self.pending(&conn.load);
-            let result = cmd.query_async(&mut conn.conn).await;
-            Ok(conn.check(result)?)
+            self.send(&mut conn, Call::Cmd(cmd)).await
         })
         .await
     }
@@ -192,12 +213,31 @@ impl Redis {
     /// Runs a script on `conn` (from [`Redis::connection`]), bounded like
     /// [`Redis::invoke`].
     pub async fn invoke_on<T: FromRedisValue>(&self, conn: &mut Conn, script: &ScriptInvocation<'_>) -> Result<T> {
-        self.bounded(async {
-            let _pending = self.pending(&conn.load);
-            let result = script.invoke_async(&mut conn.conn).await;
-            Ok(conn.check(result)?)
-        })
-        .await
+        self.bounded(self.send(conn, Call::Script(script))).await
+    }
+
+    /// Sends one call on `conn` once it has a place in flight.
+    async fn send<T: FromRedisValue>(&self, conn: &mut Conn, call: Call<'_>) -> Result<T> {
+        let permit = Arc::clone(&self.shared.in_flight)
+            .acquire_owned()
+            .await
+            .map_err(|_| Error::Internal("in-flight places closed".into()))?;
+        let load = &conn.load;
+        if load.pending.fetch_add(1, Ordering::AcqRel) == 0 {
+            load.progress_us.store(self.now_us(), Ordering::Release);
+        }
+        let flight = InFlight {
+            permit: Some(permit),
+            load: Arc::clone(load),
+            epoch: self.shared.epoch,
+            fence: Some(conn.conn.clone()),
+        };
+        let result = match call {
+            Call::Script(script) => script.invoke_async(&mut conn.conn).await,
+            Call::Cmd(cmd) => cmd.query_async(&mut conn.conn).await,
+        };
+        flight.land();
+        Ok(conn.check(result)?)
     }
 
     /// True when Redis answers PING within `timeout` on any connection.
@@ -238,14 +278,6 @@ impl Redis {
             .iter()
             .find(|slot| !slot.load.stalled(now, stall))
             .unwrap_or_else(|| &slots[self.shared.next.fetch_add(1, Ordering::Relaxed) % slots.len()])
-    }
-
-    /// Counts a call on a slot until the returned guard drops.
-    fn pending<'a>(&self, load: &'a Load) -> Pending<'a> {
-        if load.pending.fetch_add(1, Ordering::AcqRel) == 0 {
-            load.progress_us.store(self.now_us(), Ordering::Release);
-        }
-        Pending { load, epoch: self.shared.epoch }
     }
 
     fn now_us(&self) -> u64 {
@@ -302,6 +334,13 @@ impl Link {
 }
 
 impl Load {
+    /// One pending call is answered (or its connection gone).
+    fn answered(&self, epoch: Instant) {
+        let now = u64::try_from(epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.progress_us.store(now, Ordering::Release);
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+
     /// Calls are pending and none has been answered for `stall` µs.
     fn stalled(&self, now_us: u64, stall_us: u64) -> bool {
         self.pending.load(Ordering::Acquire) > 0
@@ -309,11 +348,28 @@ impl Load {
     }
 }
 
-impl Drop for Pending<'_> {
+impl InFlight {
+    /// The reply is in: give the place back now.
+    fn land(mut self) {
+        self.fence = None;
+    }
+}
+
+impl Drop for InFlight {
     fn drop(&mut self) {
-        let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.load.progress_us.store(now, Ordering::Release);
-        self.load.pending.fetch_sub(1, Ordering::AcqRel);
+        let (Some(mut conn), Ok(runtime)) = (self.fence.take(), tokio::runtime::Handle::try_current()) else {
+            self.load.answered(self.epoch);
+            return;
+        };
+        // Given up before the reply: Redis still has the command. Hold the
+        // place until a PING behind it is answered (replies come in order).
+        let (permit, load, epoch) = (self.permit.take(), Arc::clone(&self.load), self.epoch);
+        runtime.spawn(async move {
+            conn.set_response_timeout(FENCE_MAX);
+            let _ = redis::cmd("PING").query_async::<redis::Value>(&mut conn).await;
+            load.answered(epoch);
+            drop(permit);
+        });
     }
 }
 
