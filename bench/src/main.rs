@@ -29,10 +29,10 @@ use clap::{Parser, Subcommand};
 use hdrhistogram::Histogram;
 use targets::{Clients, Target};
 
-/// mimalloc: measured ~10% less service CPU per Cache.Get than glibc malloc
-/// (BENCHMARKS.md, "Changes tried").
+/// jemalloc: measured ~10% less service CPU per Cache.Get than glibc malloc,
+/// at a smaller RSS than mimalloc (BENCHMARKS.md, "Changes tried").
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(name = "cachecoord-bench", about)]

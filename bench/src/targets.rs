@@ -207,9 +207,12 @@ impl Clients {
         let stats = StatsStore::new(redis.clone(), keys.clone(), calendar, retention, config.stats_active_window_max);
         let sessions = SessionStore::new(redis.clone(), keys.clone(), 0, config.max_value_bytes, config.max_ttl);
         let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
+        // As a user would open them, minus the reply timeout: a loaded
+        // machine must slow the floor down, not end the run.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
         let mut plain = Vec::new();
         for _ in 0..connections.max(1) {
-            plain.push(client.get_multiplexed_async_connection().await.map_err(|e| e.to_string())?);
+            plain.push(client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?);
         }
         let mut clients = Self {
             plain,
