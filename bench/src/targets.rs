@@ -211,8 +211,15 @@ impl Clients {
         // machine must slow the floor down, not end the run.
         let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
         let mut plain = Vec::new();
-        for _ in 0..connections.max(1) {
-            plain.push(client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?);
+        while plain.len() < connections.max(1) {
+            // redis-server may still be starting.
+            match client.get_multiplexed_async_connection_with_config(&config).await {
+                Ok(conn) => plain.push(conn),
+                Err(err) if plain.is_empty() && err.is_connection_refusal() => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(err) => return Err(err.to_string()),
+            }
         }
         let mut clients = Self {
             plain,
