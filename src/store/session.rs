@@ -221,7 +221,9 @@ impl SessionStore {
     pub async fn delete_user(&self, user_id: &str, keep: Option<&str>) -> Result<u64> {
         let mut call = self.scripts.delete_user.prepare_invoke();
         call.key(self.keys.user_sessions(user_id));
-        if let Some(keep) = keep {
+        // A session of this user carries the user's tag; any other id cannot
+        // be one of them (and names a key in another hash slot).
+        if let Some(keep) = keep.filter(|keep| keep.starts_with(&crate::keys::user_tag(user_id))) {
             call.key(self.keys.session(keep));
         }
         self.redis.invoke(&call).await
