@@ -85,6 +85,14 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_SESSION_MAX_PER_USER", default_value_t = 0)]
     pub session_max_per_user: u32,
 
+    /// Replicas that must acknowledge a lock grant (Redis WAIT) before it is
+    /// answered, so a fail-over to one of them keeps it; a grant they do not
+    /// acknowledge within half of --redis-timeout is released and the call
+    /// fails UNAVAILABLE. 0 (the default) answers at once. Lock calls then
+    /// use connections of their own, since WAIT holds a connection.
+    #[arg(long, env = "CACHECOORD_LOCK_REPLICAS", default_value_t = 0)]
+    pub lock_replicas: usize,
+
     /// Lease of a lock acquired or extended without a TTL.
     #[arg(long, env = "CACHECOORD_LOCK_DEFAULT_TTL", default_value = "30s", value_parser = duration)]
     pub lock_default_ttl: Duration,

@@ -45,11 +45,17 @@ impl From<RedisError> for Error {
         // A refused login (HELLO answers WRONGPASS/NOAUTH under RESP3) leaves
         // Redis unusable until an operator fixes the credentials: unavailable.
         let refused_login = matches!(err.code(), Some("WRONGPASS" | "NOAUTH"));
+        // A script reaching a key of its slot that a live resharding already
+        // moved to another cluster node; the scripts touch every key before
+        // writing, so nothing was written and a retry lands once it is done.
+        let migrating = err.detail().is_some_and(|d| d.contains("non local key"))
+            || err.to_string().contains("access a non local key");
         let transient = err.is_io_error()
             || err.is_timeout()
             || err.is_connection_dropped()
             || err.is_connection_refusal()
             || refused_login
+            || migrating
             || !matches!(err.retry_method(), RetryMethod::NoRetry);
         if transient { Self::Unavailable(err.to_string()) } else { Self::Internal(err.to_string()) }
     }

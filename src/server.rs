@@ -66,7 +66,11 @@ pub async fn run(
         limits.clone(),
         config.session_default_ttl.min(config.max_ttl),
     );
-    let locks = LockApi::new(LockStore::new(redis.clone(), keys.clone()), limits.clone(), config.lock_default_ttl);
+    // WAIT holds the connection it runs on: locks that wait for replicas get
+    // connections of their own.
+    let lock_redis = if config.lock_replicas > 0 { Redis::new(&config)? } else { redis.clone() };
+    let lock_store = LockStore::new(lock_redis, keys.clone(), config.lock_replicas);
+    let locks = LockApi::new(lock_store, limits.clone(), config.lock_default_ttl);
     let cache = CacheApi::new(
         CacheStore::new(redis.clone(), keys.clone()),
         limits,

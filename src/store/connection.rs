@@ -54,7 +54,9 @@ use redis::{
     aio::{ConnectionLike, MultiplexedConnection},
     cluster::{ClusterClient, ClusterClientBuilder},
     cluster_async::ClusterConnection,
-    cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, Slot as HashSlot},
+    cluster_routing::{
+        MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, Slot as HashSlot, SlotAddr,
+    },
     sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType},
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -246,6 +248,32 @@ impl Redis {
     /// [`Redis::invoke`].
     pub async fn invoke_on<T: FromRedisValue>(&self, conn: &mut Conn, script: &ScriptInvocation<'_>) -> Result<T> {
         self.bounded(self.send(conn, Call::Script(script))).await
+    }
+
+    /// Waits until `replicas` replicas have acknowledged every write sent
+    /// before on `conn` to the server holding `key` (Redis `WAIT`, for at
+    /// most half of `--redis-timeout`); how many did. `WAIT` holds the
+    /// connection while it waits, so it belongs on connections of their own
+    /// (see `LockStore`).
+    pub async fn wait_replicas(&self, conn: &mut Conn, key: &str, replicas: usize) -> Result<usize> {
+        let wait_ms = (self.shared.timeout / 2).as_millis().max(1);
+        let mut cmd = redis::cmd("WAIT");
+        cmd.arg(replicas).arg(u64::try_from(wait_ms).unwrap_or(u64::MAX));
+        self.bounded(async {
+            let result = match &mut conn.wire {
+                Wire::Single(single) => cmd.query_async::<usize>(single).await,
+                Wire::Cluster(cluster) => {
+                    let route = Route::with_key(key, SlotAddr::Master);
+                    let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                    match cluster.route_command(cmd, routing).await {
+                        Ok(value) => usize::from_redis_value(value).map_err(RedisError::from),
+                        Err(err) => Err(err),
+                    }
+                }
+            };
+            Ok(conn.check(result)?)
+        })
+        .await
     }
 
     /// Splits `keys` (Redis key names) into groups that one script may touch
@@ -463,9 +491,8 @@ fn addr(node: &Node, tls: bool) -> ConnectionAddr {
 
 /// The `--redis-tls-*` files, read once at start-up.
 fn tls_certificates(config: &Config) -> Result<Option<TlsCertificates>, String> {
-    let read = |flag: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
-    };
+    let read =
+        |flag: &str, path: &std::path::Path| std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()));
     let root_cert = config.redis_tls_ca.as_deref().map(|p| read("--redis-tls-ca", p)).transpose()?;
     let client_tls = match (&config.redis_tls_cert, &config.redis_tls_key) {
         (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
@@ -525,10 +552,8 @@ impl Wire {
         match self {
             Wire::Single(conn) => redis::cmd("PING").query_async::<Value>(conn).await.map(drop),
             Wire::Cluster(conn) => {
-                let everywhere = RoutingInfo::MultiNode((
-                    MultipleNodeRoutingInfo::AllMasters,
-                    Some(ResponsePolicy::AllSucceeded),
-                ));
+                let everywhere =
+                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)));
                 conn.route_command(redis::cmd("PING"), everywhere).await.map(drop)
             }
         }
@@ -641,7 +666,9 @@ impl managed::Manager for Manager {
             Ok::<_, std::convert::Infallible>(())
         });
         let wire = match &*self.kind {
-            Kind::Standalone(client) => Wire::Single(client.get_multiplexed_async_connection_with_config(&config).await?),
+            Kind::Standalone(client) => {
+                Wire::Single(client.get_multiplexed_async_connection_with_config(&config).await?)
+            }
             Kind::Sentinel(sentinel) => {
                 // Where the master is now: the sentinels are asked at every
                 // connect, so a replaced connection follows a fail-over.

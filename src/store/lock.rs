@@ -53,6 +53,8 @@ pub struct LockStore {
     waiters: Arc<Waiters>,
     /// The lock scripts.
     scripts: Scripts,
+    /// Replicas that must acknowledge a grant before it is answered (0: none).
+    replicas: usize,
     /// Keeps the release listener alive exactly as long as the store.
     listener: tokio::task::JoinHandle<()>,
 }
@@ -84,8 +86,9 @@ enum Attempt {
 }
 
 impl LockStore {
-    /// A store under `keys`, listening for releases.
-    pub fn new(redis: Redis, keys: Keys) -> Self {
+    /// A store under `keys`, listening for releases; grants wait for
+    /// `replicas` acknowledgements.
+    pub fn new(redis: Redis, keys: Keys, replicas: usize) -> Self {
         let channel = keys.lock_channel();
         let waiters = Arc::new(Waiters::default());
         let listener = Arc::clone(&waiters).listen(redis.clone(), channel.clone());
@@ -95,7 +98,7 @@ impl LockStore {
             extend: Script::new(include_str!("lua/lock_extend.lua")),
             inspect: Script::new(include_str!("lua/lock_inspect.lua")),
         };
-        Self { redis, keys, channel, waiters, scripts, listener }
+        Self { redis, keys, channel, waiters, scripts, replicas, listener }
     }
 
     /// Takes lock `name` for `ttl`, waiting for it until `deadline` (`None`:
@@ -161,14 +164,26 @@ impl LockStore {
         // On an error (a timeout) the script may still run later: the guard
         // stays armed and releases it.
         let reply: Vec<Value> = self.redis.invoke_on(&mut conn, &call).await?;
-        guard.disarm();
         match reply.as_slice() {
-            [Value::Int(1), Value::Int(token)] => Ok(Attempt::Taken(Grant {
-                lease_id: lease_id.to_string(),
-                fencing_token: u64::try_from(*token).map_err(|_| Error::Internal(format!("token {token}")))?,
-                lease_floor: sent + ttl,
-            })),
+            [Value::Int(1), Value::Int(token)] => {
+                let fencing_token = u64::try_from(*token).map_err(|_| Error::Internal(format!("token {token}")))?;
+                if self.replicas > 0 {
+                    // Until the replicas have it, a fail-over could lose the
+                    // grant: the guard stays armed and releases it unless
+                    // they acknowledge.
+                    let acked = self.redis.wait_replicas(&mut conn, key, self.replicas).await?;
+                    if acked < self.replicas {
+                        return Err(Error::Unavailable(format!(
+                            "lock grant acknowledged by {acked} of {} replicas",
+                            self.replicas
+                        )));
+                    }
+                }
+                guard.disarm();
+                Ok(Attempt::Taken(Grant { lease_id: lease_id.to_string(), fencing_token, lease_floor: sent + ttl }))
+            }
             [Value::Int(0), Value::Int(pttl)] => {
+                guard.disarm();
                 Ok(Attempt::Held(u64::try_from(*pttl).ok().map(Duration::from_millis)))
             }
             _ => Err(Error::Internal(format!("acquire returned {reply:?}"))),

@@ -38,6 +38,9 @@ impl RedisCluster {
                 "nodes.conf",
                 "--cluster-node-timeout",
                 NODE_TIMEOUT_MS,
+                // Replicas in sync at once, not after the default 5 s delay.
+                "--repl-diskless-sync-delay",
+                "0",
             ];
             nodes.push(RedisServer::start_with(&args, None).await);
         }
@@ -74,7 +77,10 @@ impl RedisCluster {
                 Ok(info) => info,
                 Err(_) => return false,
             };
-            if !info.contains("cluster_state:ok") || !info.contains("cluster_slots_ok:16384") {
+            if !info.contains("cluster_state:ok")
+                || !info.contains("cluster_slots_ok:16384")
+                || !in_sync(&mut conn).await
+            {
                 return false;
             }
             views.push(masters_seen(&mut conn).await);
@@ -137,6 +143,13 @@ impl RedisCluster {
         self.nodes.iter_mut().find(|n| n.port == old).expect("node").stop();
         self.wait_for_master(key, |port| port != old).await;
         old
+    }
+
+    /// Starts a killed node again (same port, same nodes.conf): it rejoins
+    /// as a replica of the master that replaced it.
+    pub async fn revive(&mut self, port: u16) {
+        self.nodes.iter_mut().find(|n| n.port == port).expect("node").restart().await;
+        self.wait_until_stable().await;
     }
 
     /// Moves the hash slot of `key`, with its keys, to another master while
@@ -227,6 +240,12 @@ impl RedisCluster {
     }
 }
 
+/// False for a replica whose link to its master is not up (still syncing).
+async fn in_sync(conn: &mut MultiplexedConnection) -> bool {
+    let info: String = redis::cmd("INFO").arg("replication").query_async(conn).await.unwrap_or_default();
+    !info.contains("role:slave") || info.contains("master_link_status:up")
+}
+
 /// The ports of the masters serving slots, as `conn`'s node sees them.
 async fn masters_seen(conn: &mut MultiplexedConnection) -> Vec<u16> {
     let ranges: Vec<redis::Value> = match redis::cmd("CLUSTER").arg("SLOTS").query_async(conn).await {
@@ -268,11 +287,13 @@ impl RedisSentinel {
     /// Starts the servers and sentinels and waits until every sentinel
     /// knows both replicas and the other sentinels.
     pub async fn start() -> Self {
-        let master = RedisServer::start().await;
+        // Replicas in sync at once, not after the default 5 s delay.
+        let master = RedisServer::start_with(&["--repl-diskless-sync-delay", "0"], None).await;
         let port = master.port.to_string();
         let mut servers = vec![master];
         for _ in 0..2 {
-            servers.push(RedisServer::start_with(&["--replicaof", "127.0.0.1", &port], None).await);
+            let args = ["--replicaof", "127.0.0.1", &port, "--repl-diskless-sync-delay", "0"];
+            servers.push(RedisServer::start_with(&args, None).await);
         }
         let sentinels = (0..3).map(|_| SentinelProcess::start(servers[0].port)).collect();
         let setup = Self { servers, sentinels };
@@ -286,12 +307,22 @@ impl RedisSentinel {
     }
 
     async fn ready(&self) -> bool {
+        for server in &self.servers {
+            let Some(mut conn) = server.try_client().await else { return false };
+            if !in_sync(&mut conn).await {
+                return false;
+            }
+        }
         for sentinel in &self.sentinels {
             let Some(mut conn) = sentinel.try_client().await else { return false };
             let replicas: Vec<redis::Value> =
                 redis::cmd("SENTINEL").arg("REPLICAS").arg("mymaster").query_async(&mut conn).await.unwrap_or_default();
-            let peers: Vec<redis::Value> =
-                redis::cmd("SENTINEL").arg("SENTINELS").arg("mymaster").query_async(&mut conn).await.unwrap_or_default();
+            let peers: Vec<redis::Value> = redis::cmd("SENTINEL")
+                .arg("SENTINELS")
+                .arg("mymaster")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
             if replicas.len() != 2 || peers.len() != 2 {
                 return false;
             }
@@ -301,14 +332,19 @@ impl RedisSentinel {
 
     /// The port of the master the sentinels name now.
     pub async fn master_port(&self) -> u16 {
-        let mut conn = self.sentinels[0].client().await;
-        let (_, port): (String, u16) = redis::cmd("SENTINEL")
-            .arg("GET-MASTER-ADDR-BY-NAME")
-            .arg("mymaster")
-            .query_async(&mut conn)
-            .await
-            .expect("master address");
-        port
+        for _ in 0..200 {
+            if let Some(mut conn) = self.sentinels[0].try_client().await
+                && let Ok((_, port)) = redis::cmd("SENTINEL")
+                    .arg("GET-MASTER-ADDR-BY-NAME")
+                    .arg("mymaster")
+                    .query_async::<(String, u16)>(&mut conn)
+                    .await
+            {
+                return port;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("no sentinel names the master");
     }
 
     /// The server on `port`.
@@ -334,7 +370,8 @@ impl RedisSentinel {
     }
 
     async fn is_master(&self, port: u16) -> bool {
-        let mut conn = self.server(port).client().await;
+        // Sentinel kills client connections while it reconfigures.
+        let Some(mut conn) = self.server(port).try_client().await else { return false };
         let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.unwrap_or_default();
         matches!(role.first(), Some(redis::Value::BulkString(kind)) if kind == b"master")
     }

@@ -10,6 +10,13 @@
 -- Scripts, not MULTI: each write reads state (the lease, a condition) and
 -- decides what to write from it, in one atomic step.
 
+-- Touches entry `e`'s keys before anything is written: while its hash slot
+-- is being migrated between cluster nodes, a key already moved fails the
+-- script here, with nothing written, and the call can be retried.
+local function on_this_node(e)
+  redis.call('EXISTS', e, e .. ':lease', e .. ':tags')
+end
+
 -- Voids entry `e`'s fill lease, if any, and wakes the callers waiting on it:
 -- they read again and find the new state.
 local function void_lease(e, channel)

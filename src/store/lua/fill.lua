@@ -3,6 +3,7 @@
 -- ARGV: fill channel, lease token, value, expiry mode ('PX' or 'PXAT'), ms,
 --       then the entry's tag-index key names.
 -- Returns: 1 when stored (waiters are woken), 0 when the lease is not current.
+on_this_node(KEYS[1])
 if redis.call('GET', KEYS[2]) ~= ARGV[2] then
   return 0
 end

@@ -11,8 +11,21 @@
 -- Redis instant, in one round trip, with the expiry set in the same step.
 local t = now_ms()
 local clock, a = read_clock(4)
+local m_start = t - t % 60000
+local h_start, h_end = hour_of(clock, t)
+local d_start, d_end = day_of(clock, t)
+local buckets = {
+  {':m:' .. fmt(m_start), fmt(m_start + 60000 + tonumber(ARGV[1]))},
+  {':h:' .. fmt(h_start), fmt(h_end + tonumber(ARGV[2]))},
+  {':d:' .. fmt(d_start), fmt(d_end + tonumber(ARGV[3]))},
+}
+-- Touch every key this script will write before writing any: should one
+-- not be on this node (a slot being migrated), the script fails here, with
+-- nothing written, and the call can be retried.
+for _, base in ipairs(KEYS) do
+  redis.call('EXISTS', base .. ':total', base .. buckets[1][1], base .. buckets[2][1], base .. buckets[3][1])
+end
 local out = {}
--- Totals first, so an overflow can be undone before any bucket is touched.
 for k, base in ipairs(KEYS) do
   local amount = ARGV[a + k - 1]
   if amount == '0' then
@@ -36,15 +49,6 @@ for k, base in ipairs(KEYS) do
     out[k] = redis.call('GET', base .. ':total')
   end
 end
-local m_start = t - t % 60000
-local h_start, h_end = hour_of(clock, t)
-local d_start, d_end = day_of(clock, t)
--- Suffix and expiry (bucket end + retention) of the three buckets.
-local buckets = {
-  {':m:' .. fmt(m_start), fmt(m_start + 60000 + tonumber(ARGV[1]))},
-  {':h:' .. fmt(h_start), fmt(h_end + tonumber(ARGV[2]))},
-  {':d:' .. fmt(d_start), fmt(d_end + tonumber(ARGV[3]))},
-}
 for k, base in ipairs(KEYS) do
   local amount = ARGV[a + k - 1]
   if amount ~= '0' then

@@ -3,6 +3,9 @@
 -- KEYS: entry keys (read from the tag indexes).
 -- ARGV: fill channel, then the invalidated tag-index key names.
 -- Returns: how many entries were deleted.
+for _, e in ipairs(KEYS) do
+  on_this_node(e)
+end
 local deleted = 0
 for _, e in ipairs(KEYS) do
   local tagged = false

@@ -8,7 +8,14 @@
 -- increases while the counter lives, and should the counter be lost (data
 -- loss without persistence) the next token still exceeds every earlier one,
 -- as long as Redis's clock has not gone back.
-if redis.call('EXISTS', KEYS[1]) == 1 then
+--
+-- Run twice for the same attempt (a cluster client resending after a broken
+-- connection), it answers the grant it already made, with the same token:
+-- one attempt never takes two tokens or reports its own lease as held.
+local holder = redis.call('HMGET', KEYS[1], 'lease', 'token')
+if holder[1] == ARGV[1] then
+  return {1, tonumber(holder[2])}
+elseif redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, redis.call('PTTL', KEYS[1])}
 end
 local t = redis.call('TIME')

@@ -8,6 +8,7 @@ local s, u = KEYS[1], KEYS[2]
 if redis.call('EXISTS', s) == 1 then
   return {0}
 end
+on_this_node(u)
 local now = now_us()
 local created = math.floor(now / 1000)
 local idle = tonumber(ARGV[4])

@@ -3,6 +3,9 @@
 -- Returns: 1 when a live session was deleted, else 0.
 local s = KEYS[1]
 local u = redis.call('HGET', s, 'index')
+if u then
+  on_this_node(u)
+end
 if redis.call('DEL', s) == 0 then
   return 0
 end

@@ -3,6 +3,7 @@
 -- kept only if it is in this index, that is, a session of this user.
 -- Returns: how many live sessions were deleted.
 local u, keep = KEYS[1], KEYS[2]
+on_this_node(u)
 local deleted = 0
 for _, s in ipairs(redis.call('ZRANGE', u, 0, -1)) do
   if s ~= keep then

@@ -10,6 +10,9 @@ if not fields then
   return {}
 end
 if ARGV[1] == '1' then
+  if fields[6] then
+    on_this_node(fields[6])
+  end
   local before = redis.call('PEXPIRETIME', s)
   local idle = tonumber(fields[5])
   if ARGV[2] ~= '' then

@@ -29,9 +29,14 @@ end
 -- Returns the ids of the evicted sessions, oldest first.
 local function refresh_index(u, keep)
   local members = redis.call('ZRANGE', u, 0, -1)
+  -- Every session is read before anything is written (see on_this_node).
+  local expiries = {}
+  for i, s in ipairs(members) do
+    expiries[i] = redis.call('PEXPIRETIME', s)
+  end
   local live = {}
-  for _, s in ipairs(members) do
-    local at = redis.call('PEXPIRETIME', s)
+  for i, s in ipairs(members) do
+    local at = expiries[i]
     if at == -2 then
       redis.call('ZREM', u, s)
     else
@@ -72,6 +77,18 @@ end
 -- A session's fields for the caller: {id, user, data, created ms, expires ms}.
 local function session_row(s, fields)
   return {fields[1], fields[2], fields[3], tonumber(fields[4]), redis.call('PEXPIRETIME', s)}
+end
+
+-- Reads the index `u` a script will write, and its sessions, before the
+-- script writes anything: on Redis Cluster, while the user's hash slot is
+-- being migrated, a key already moved fails the script here, with nothing
+-- written, and the call can be retried. (The index is reached through a
+-- session's `index` field, not declared, so Redis cannot redirect the call
+-- before it runs.)
+local function on_this_node(u)
+  for _, s in ipairs(redis.call('ZRANGE', u, 0, -1)) do
+    redis.call('EXISTS', s)
+  end
 end
 
 local SESSION_FIELDS = {'id', 'user', 'data', 'created', 'idle', 'index'}

@@ -5,6 +5,7 @@
 --       tag-index key names.
 -- Returns: 1 when written, 0 when the condition did not hold.
 local e = KEYS[1]
+on_this_node(e)
 local condition = ARGV[5]
 if condition ~= '' then
   local exists = redis.call('EXISTS', e) == 1

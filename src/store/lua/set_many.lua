@@ -3,6 +3,9 @@
 -- ARGV: fill channel, then for each entry: value, expiry mode ('PX' or
 --       'PXAT'), ms, number of tags, that many tag-index key names.
 -- Returns: the number of entries written.
+for _, e in ipairs(KEYS) do
+  on_this_node(e)
+end
 local a = 2
 for _, e in ipairs(KEYS) do
   local ntags = tonumber(ARGV[a + 3])

@@ -8,7 +8,8 @@
 -- changed, and the caller first extends those indexes, then calls again
 -- with 'PXAT' (so an index never expires before its entries).
 local e = KEYS[1]
-if redis.call('EXISTS', e) == 0 then
+-- Touched before anything is written (see cache_lib.lua's on_this_node).
+if redis.call('EXISTS', e, e .. ':tags') == 0 then
   return {0}
 end
 local tags = e .. ':tags'
