@@ -48,6 +48,20 @@ pub struct Limit<'a> {
     pub burst: u64,
 }
 
+/// One limit of a [`RateLimitStore::check_each`], with its own cost and role.
+#[derive(Clone, Debug)]
+pub struct Part<'a> {
+    /// The limit.
+    pub limit: Limit<'a>,
+    /// Units this request takes from it (0 takes nothing).
+    pub cost: u64,
+    /// Decided but never consumed.
+    pub peek: bool,
+    /// Its denial is reported but does not deny the request, and a limit
+    /// that denies is not consumed (Envoy's `shadow_mode`).
+    pub advisory: bool,
+}
+
 /// One limit's verdict.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
@@ -86,18 +100,35 @@ impl RateLimitStore {
     /// `peek` or any limit denies, consumes it from all of them. Verdicts
     /// come back in the order of `limits`.
     pub async fn check(&self, limits: &[Limit<'_>], cost: u64, peek: bool) -> Result<Vec<Decision>> {
-        if limits.is_empty() {
+        let parts: Vec<Part<'_>> =
+            limits.iter().map(|limit| Part { limit: limit.clone(), cost, peek, advisory: false }).collect();
+        self.check_each(&parts).await
+    }
+
+    /// Decides every part against its own cost in one atomic step and, when
+    /// every part that is not advisory allows, consumes each part's cost
+    /// from every part that allows and is not peeked; otherwise consumes
+    /// nothing. Verdicts come back in the order of `parts`.
+    pub async fn check_each(&self, parts: &[Part<'_>]) -> Result<Vec<Decision>> {
+        if parts.is_empty() {
             return Ok(Vec::new());
         }
         let mut call = self.check.prepare_invoke();
-        call.arg(cost).arg(if peek { "1" } else { "0" });
-        for limit in limits {
+        for part in parts {
+            let limit = &part.limit;
+            let flags = match (part.peek, part.advisory) {
+                (false, false) => "",
+                (true, false) => "p",
+                (false, true) => "a",
+                (true, true) => "pa",
+            };
             call.key(self.state_key(limit));
             call.arg(limit.algorithm.code()).arg(limit.limit).arg(limit.period_ms).arg(limit.burst);
+            call.arg(part.cost).arg(flags);
         }
         let reply: Vec<i64> = self.redis.invoke(&call).await?;
-        if reply.len() != limits.len() * 4 {
-            return Err(Error::Internal(format!("check returned {} values for {} limits", reply.len(), limits.len())));
+        if reply.len() != parts.len() * 4 {
+            return Err(Error::Internal(format!("check returned {} values for {} limits", reply.len(), parts.len())));
         }
         let millis = |ms: i64| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
         Ok(reply
