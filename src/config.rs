@@ -1,7 +1,7 @@
 //! Process configuration: every flag has an environment variable, and every
 //! value is checked here, once, before anything starts.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
@@ -12,6 +12,17 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log shippers.
     Json,
+}
+
+/// Rate-limit headers added to Envoy ShouldRateLimit answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RlsHeaders {
+    /// None.
+    Off,
+    /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (IETF draft).
+    Draft,
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
+    X,
 }
 
 /// cachecoord: one gRPC contract in front of Redis for caching, sessions,
@@ -109,6 +120,22 @@ pub struct Config {
     /// `unchecked`) instead of failing them with UNAVAILABLE.
     #[arg(long, env = "CACHECOORD_RATE_LIMIT_FAIL_OPEN", default_value_t = false)]
     pub rate_limit_fail_open: bool,
+
+    /// envoyproxy/ratelimit YAML config files or directories (their *.yaml
+    /// and *.yml files); repeat the flag or separate with commas. When set,
+    /// envoy.service.ratelimit.v3.RateLimitService is served.
+    #[arg(long, env = "CACHECOORD_RLS_CONFIG", value_delimiter = ',')]
+    pub rls_config: Vec<PathBuf>,
+
+    /// How often the --rls-config files are checked for changes; 0s: only
+    /// on SIGHUP.
+    #[arg(long, env = "CACHECOORD_RLS_CONFIG_POLL", default_value = "1s", value_parser = duration)]
+    pub rls_config_poll: Duration,
+
+    /// Rate-limit headers in ShouldRateLimit answers (for Envoy to add to
+    /// the client's response).
+    #[arg(long, env = "CACHECOORD_RLS_RESPONSE_HEADERS", value_enum, default_value = "off")]
+    pub rls_response_headers: RlsHeaders,
 
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "CACHECOORD_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
