@@ -17,13 +17,14 @@ use crate::{
     calendar::Calendar,
     config::Config,
     deadline::DeadlineLayer,
-    health, rls,
+    health,
     keys::Keys,
     proto::{
         self, cache_service_server::CacheServiceServer, lock_service_server::LockServiceServer,
         rate_limit_service_server::RateLimitServiceServer, session_service_server::SessionServiceServer,
         stats_service_server::StatsServiceServer,
     },
+    rls,
     store::{
         Redis,
         cache::CacheStore,

@@ -7,12 +7,12 @@ use std::{sync::Arc, time::Duration};
 use envoy_types::pb::{
     envoy::{
         config::core::v3::HeaderValue,
-        r#type::v3::RateLimitUnit,
         service::ratelimit::v3::{
             RateLimitRequest, RateLimitResponse,
             rate_limit_response::{Code, DescriptorStatus, RateLimit, rate_limit::Unit as ProtoUnit},
             rate_limit_service_server::RateLimitService,
         },
+        r#type::v3::RateLimitUnit,
     },
     google::protobuf::Duration as ProtoDuration,
 };
@@ -86,7 +86,10 @@ impl EnvoyRateLimitApi {
                             Ok(RateLimitUnit::Month) => Unit::Month,
                             Ok(RateLimitUnit::Year) => Unit::Year,
                             Ok(RateLimitUnit::Unknown) | Err(_) => {
-                                return Err(Error::invalid(field("limit.unit"), "must be SECOND, MINUTE, HOUR, DAY, MONTH or YEAR"));
+                                return Err(Error::invalid(
+                                    field("limit.unit"),
+                                    "must be SECOND, MINUTE, HOUR, DAY, MONTH or YEAR",
+                                ));
                             }
                         };
                         Some((limit.requests_per_unit, unit))
@@ -109,7 +112,8 @@ impl EnvoyRateLimitApi {
         let (requests, _, _) = status.limit.as_ref().map_or((0, Unit::Second, None), Clone::clone);
         let reset = status.reset.unwrap_or_default();
         let reset = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
-        let header = |name: &str, value: String| HeaderValue { key: format!("{prefix}-{name}"), value, raw_value: Vec::new() };
+        let header =
+            |name: &str, value: String| HeaderValue { key: format!("{prefix}-{name}"), value, raw_value: Vec::new() };
         vec![
             header("Limit", requests.to_string()),
             header("Remaining", status.remaining.to_string()),

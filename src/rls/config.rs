@@ -533,7 +533,9 @@ descriptors:
             "a.yaml:4: invalid unit `fortnight` (expected second, minute, hour, day, week, month, year)"
         );
         assert_eq!(
-            error("domain: d\ndescriptors:\n  - key: k\n    rate_limit:\n      unit: second\n      requests_per_unit: -1\n"),
+            error(
+                "domain: d\ndescriptors:\n  - key: k\n    rate_limit:\n      unit: second\n      requests_per_unit: -1\n"
+            ),
             "a.yaml:6: `requests_per_unit` must be a whole number from 0 to 4294967295"
         );
         assert_eq!(
@@ -545,7 +547,9 @@ descriptors:
             "a.yaml:4: `rate_limit` needs a `unit` (or `unlimited: true`)"
         );
         assert_eq!(
-            error("domain: d\ndescriptors:\n  - key: k\n    rate_limit:\n      unit: second\n      name: n\n      replaces: [{name: n}]\n"),
+            error(
+                "domain: d\ndescriptors:\n  - key: k\n    rate_limit:\n      unit: second\n      name: n\n      replaces: [{name: n}]\n"
+            ),
             "a.yaml:7: `replaces` must not name its own limit `n`"
         );
         assert_eq!(
@@ -564,7 +568,10 @@ descriptors:
             error("domain: d\ndescriptors:\n  - key: k\n    quota_mode: true\n"),
             "a.yaml:4: `quota_mode` is not supported by cachecoord"
         );
-        assert_eq!(error("domain: d\ndescriptors: {key: k}\n"), "a.yaml:2: `descriptors` must be a list, not a mapping");
+        assert_eq!(
+            error("domain: d\ndescriptors: {key: k}\n"),
+            "a.yaml:2: `descriptors` must be a list, not a mapping"
+        );
         assert!(error("domain: d\ndescriptors: [\n").starts_with("a.yaml:"), "syntax errors have a line");
         assert_eq!(error(""), "a.yaml: empty file: expected a mapping with `domain` and `descriptors`");
     }
@@ -593,7 +600,9 @@ descriptors:
         assert_eq!(limit.quota, Quota::PerUnit { requests: 1000, unit: Unit::Second });
         // requests_per_unit 0: every request is over the limit.
         assert_eq!(per(&rules, "42", &[("q", "x")]), Some((0, Unit::Second)));
-        assert!(error("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: '5'}\n")
-            .contains("requests_per_unit"));
+        assert!(
+            error("domain: d\ndescriptors:\n  - key: k\n    rate_limit: {unit: second, requests_per_unit: '5'}\n")
+                .contains("requests_per_unit")
+        );
     }
 }

@@ -45,8 +45,7 @@ pub enum Unit {
 
 impl Unit {
     /// Every unit, in the order of [`Unit::NAMES`].
-    const ALL: [Unit; 7] =
-        [Unit::Second, Unit::Minute, Unit::Hour, Unit::Day, Unit::Week, Unit::Month, Unit::Year];
+    const ALL: [Unit; 7] = [Unit::Second, Unit::Minute, Unit::Hour, Unit::Day, Unit::Week, Unit::Month, Unit::Year];
     /// The units' names in the config (any case).
     pub const NAMES: [&'static str; 7] = ["second", "minute", "hour", "day", "week", "month", "year"];
 
@@ -443,7 +442,11 @@ descriptors:
     #[test]
     fn a_plan_has_one_counter_per_key() {
         let rules = rules(RULES);
-        let plan = plan(&rules, "d", &[descriptor(&[("a", "1")], 3), descriptor(&[("a", "1")], 2), descriptor(&[("a", "2")], 0)]);
+        let plan = plan(
+            &rules,
+            "d",
+            &[descriptor(&[("a", "1")], 3), descriptor(&[("a", "1")], 2), descriptor(&[("a", "2")], 0)],
+        );
         assert_eq!(plan.counters.len(), 2);
         assert_eq!(plan.counters[0].key, "rls:d:a=1");
         assert_eq!((plan.counters[0].cost, plan.counters[0].peek), (5, false));
@@ -477,8 +480,13 @@ descriptors:
     #[test]
     fn answers_follow_decisions() {
         let rules = rules(RULES);
-        let plan = plan(&rules, "d", &[descriptor(&[("a", "1")], 1), descriptor(&[("b", "1")], 1), descriptor(&[("q", "1")], 1)]);
-        let deny = Decision { allowed: false, remaining: 0, reset_after: Duration::from_secs(5), retry_after: Duration::ZERO };
+        let plan = plan(
+            &rules,
+            "d",
+            &[descriptor(&[("a", "1")], 1), descriptor(&[("b", "1")], 1), descriptor(&[("q", "1")], 1)],
+        );
+        let deny =
+            Decision { allowed: false, remaining: 0, reset_after: Duration::from_secs(5), retry_after: Duration::ZERO };
         let statuses = answer("d", &plan, &[deny.clone(), deny]);
         assert!(statuses[0].over);
         assert!(!statuses[1].over, "shadow mode answers OK");

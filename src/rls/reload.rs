@@ -45,10 +45,10 @@ fn hangup() -> Hangup {
 /// Resolves at the next SIGHUP; never without a handler.
 async fn next_hangup(hangup: &mut Hangup) {
     #[cfg(unix)]
-    if let Some(signal) = hangup {
-        if signal.recv().await.is_some() {
-            return;
-        }
+    if let Some(signal) = hangup
+        && signal.recv().await.is_some()
+    {
+        return;
     }
     let _ = hangup;
     std::future::pending::<()>().await;
