@@ -275,6 +275,16 @@ mod tests {
     }
 
     #[test]
+    fn rls_flags_take_several_files() {
+        let config = parse(&["--rls-config", "a.yaml,dir", "--rls-config", "b.yml"]).expect("parses");
+        assert_eq!(config.rls_config, vec![PathBuf::from("a.yaml"), PathBuf::from("dir"), PathBuf::from("b.yml")]);
+        assert_eq!(config.rls_config_poll, Duration::from_secs(1));
+        assert_eq!(config.rls_response_headers, RlsHeaders::Off);
+        assert!(parse(&[]).expect("parses").rls_config.is_empty());
+        assert!(parse(&["--rls-response-headers", "sometimes"]).is_err());
+    }
+
+    #[test]
     fn passwords_are_redacted() {
         assert_eq!(redact_url("redis://:s3cret@host:6379/2"), "redis://***@host:6379/2");
         assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
