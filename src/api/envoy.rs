@@ -109,7 +109,7 @@ impl EnvoyRateLimitApi {
             RlsHeaders::X => "X-RateLimit",
         };
         let Some(status) = rls::header_status(statuses) else { return Vec::new() };
-        let (requests, _, _) = status.limit.as_ref().map_or((0, Unit::Second, None), Clone::clone);
+        let requests = status.limit.as_ref().map_or(0, |(requests, _, _)| *requests);
         let reset = status.reset.unwrap_or_default();
         let reset = reset.as_secs() + u64::from(reset.subsec_nanos() > 0);
         let header =
