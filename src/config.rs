@@ -38,15 +38,21 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
 
-    /// Most Redis connections held open at once (each is multiplexed).
-    #[arg(long, env = "CACHECOORD_REDIS_POOL_SIZE", default_value_t = 8)]
-    pub redis_pool_size: usize,
+    /// Redis connections that all calls share, round robin (each is
+    /// multiplexed: concurrent calls on one are pipelined).
+    #[arg(long, env = "CACHECOORD_REDIS_CONNECTIONS", default_value_t = 4)]
+    pub redis_connections: usize,
+
+    /// Most Redis commands in flight at once, over all connections; past it,
+    /// calls wait (within --redis-timeout) instead of queueing without bound.
+    #[arg(long, env = "CACHECOORD_REDIS_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub redis_max_in_flight: usize,
 
     /// Longest wait to open a Redis connection.
     #[arg(long, env = "CACHECOORD_REDIS_CONNECT_TIMEOUT", default_value = "2s", value_parser = duration)]
     pub redis_connect_timeout: Duration,
 
-    /// Longest wait for one Redis operation (checkout plus command); past it
+    /// Longest wait for one Redis operation (connecting included); past it
     /// the RPC fails with UNAVAILABLE.
     #[arg(long, env = "CACHECOORD_REDIS_TIMEOUT", default_value = "1s", value_parser = duration)]
     pub redis_timeout: Duration,
@@ -168,7 +174,11 @@ impl Config {
                 && deadpool_redis::redis::Client::open(self.redis_url.as_str()).is_ok(),
             "--redis-url must be a redis:// or rediss:// URL",
         );
-        check(self.redis_pool_size > 0, "--redis-pool-size must be at least 1");
+        check(self.redis_connections > 0, "--redis-connections must be at least 1");
+        check(
+            self.redis_max_in_flight >= self.redis_connections,
+            "--redis-max-in-flight must be at least --redis-connections",
+        );
         check(!self.redis_connect_timeout.is_zero(), "--redis-connect-timeout must be positive");
         check(!self.redis_timeout.is_zero(), "--redis-timeout must be positive");
         check(
@@ -245,9 +255,9 @@ mod tests {
 
     #[test]
     fn every_bad_value_is_named_at_once() {
-        let config = parse(&["--redis-pool-size", "0", "--key-prefix", "a{b", "--max-batch", "0"]).expect("parses");
+        let config = parse(&["--redis-connections", "0", "--key-prefix", "a{b", "--max-batch", "0"]).expect("parses");
         let err = config.validate().expect_err("invalid");
-        assert!(err.contains("--redis-pool-size"), "{err}");
+        assert!(err.contains("--redis-connections"), "{err}");
         assert!(err.contains("--key-prefix"), "{err}");
         assert!(err.contains("--max-batch"), "{err}");
     }

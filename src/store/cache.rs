@@ -2,10 +2,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use deadpool_redis::redis::{Script, Value, aio::MultiplexedConnection};
+use deadpool_redis::redis::{Script, Value};
 use tokio::time::Instant;
 
-use super::{Redis, millis, random_token, wake::Waiters};
+use super::{Conn, Redis, millis, random_token, wake::Waiters};
 use crate::{
     error::{Error, Result},
     keys::Keys,
@@ -121,11 +121,21 @@ impl CacheStore {
         for key in keys {
             call.key(self.keys.cache_entry(key));
         }
-        let rows: Vec<(Option<Vec<u8>>, i64)> = self.redis.invoke(&call).await?;
-        if rows.len() != keys.len() {
-            return Err(Error::Internal(format!("get returned {} rows for {} keys", rows.len(), keys.len())));
+        let reply: Vec<Value> = self.redis.invoke(&call).await?;
+        if reply.len() != 2 * keys.len() {
+            return Err(Error::Internal(format!("get returned {} items for {} keys", reply.len(), keys.len())));
         }
-        Ok(rows.into_iter().map(|(value, pttl)| entry(value, pttl)).collect())
+        let mut items = reply.into_iter();
+        let mut entries = Vec::with_capacity(keys.len());
+        while let (Some(value), Some(pttl)) = (items.next(), items.next()) {
+            entries.push(match (value, pttl) {
+                // PTTL -2: no such key.
+                (_, Value::Int(-2)) => entry(None, -2),
+                (Value::BulkString(value), Value::Int(pttl)) => entry(Some(value), pttl),
+                other => return Err(Error::Internal(format!("get returned {other:?}"))),
+            });
+        }
+        Ok(entries)
     }
 
     /// Writes one entry; false when the condition did not hold.
@@ -282,7 +292,7 @@ struct LeaseGuard {
     /// Set while the attempt's outcome is unknown to its caller.
     store: Option<Arc<CacheStore>>,
     /// The connection the fetch script went out on.
-    conn: MultiplexedConnection,
+    conn: Conn,
     entry_key: String,
     lease_key: String,
     token: String,
