@@ -34,9 +34,26 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
 
-    /// Redis URL: redis://[:password@]host:port[/db], or rediss:// for TLS.
+    /// Redis URL, naming the topology: redis://[[user]:password@]host:port[/db]
+    /// (one server); redis+cluster://[[user]:password@]host:port,host:port
+    /// (Redis Cluster, seed nodes); redis+sentinel://[[user]:password@]host:port,host:port/master[/db]
+    /// (the master the sentinels name; ?sentinel_password= for the
+    /// sentinels' own). rediss, rediss+cluster, rediss+sentinel for TLS.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
+
+    /// PEM file of the CA that signed Redis's TLS certificates (default: the
+    /// system's web roots).
+    #[arg(long, env = "CACHECOORD_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<std::path::PathBuf>,
+
+    /// PEM file of a client certificate to present to Redis over TLS.
+    #[arg(long, env = "CACHECOORD_REDIS_TLS_CERT")]
+    pub redis_tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM file of the key of --redis-tls-cert.
+    #[arg(long, env = "CACHECOORD_REDIS_TLS_KEY")]
+    pub redis_tls_key: Option<std::path::PathBuf>,
 
     /// Redis connections that all calls share, round robin (each is
     /// multiplexed: concurrent calls on one are pipelined).
@@ -169,10 +186,11 @@ impl Config {
                 bad.push(what.to_string());
             }
         };
+        let topology = crate::store::Topology::parse(&self.redis_url);
+        check(topology.is_ok(), &format!("--redis-url {}", topology.err().unwrap_or_default()));
         check(
-            deadpool_redis::redis::parse_redis_url(&self.redis_url).is_some()
-                && deadpool_redis::redis::Client::open(self.redis_url.as_str()).is_ok(),
-            "--redis-url must be a redis:// or rediss:// URL",
+            self.redis_tls_cert.is_some() == self.redis_tls_key.is_some(),
+            "--redis-tls-cert and --redis-tls-key go together",
         );
         check(self.redis_connections > 0, "--redis-connections must be at least 1");
         check(

@@ -581,3 +581,49 @@ async fn reflection_and_health_list_envoys_service() {
         .expect_err("not served");
     assert_eq!(status.code(), tonic::Code::Unimplemented);
 }
+
+#[tokio::test]
+async fn on_redis_cluster_descriptors_in_other_slots_stay_all_or_nothing_and_exact() {
+    let cluster = common::cluster::RedisCluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("edge.yaml");
+    std::fs::write(&file, CONFIG).unwrap();
+    let server = TestServer::start_with(&cluster, &["--rls-config", file.to_str().unwrap()]).await;
+    let mut client = RateLimitServiceClient::new(server.channel.clone());
+    let (login, addr) = ([("path", "/login")], [("remote_address", "7.7.7.7")]);
+    let mut conn = cluster.any().await;
+    let slot =
+        |counter: &str| redis::cmd("CLUSTER").arg("KEYSLOT").arg(format!("{}:rl:f:{counter}", server.prefix)).clone();
+    let a: u16 = slot("rls:edge:path=/login").query_async(&mut conn).await.unwrap();
+    let b: u16 = slot("rls:edge:remote_address=7.7.7.7").query_async(&mut conn).await.unwrap();
+    assert_ne!(a, b, "the two counters must live in different hash slots for this test");
+    let both = || request("edge", vec![descriptor(&login), descriptor(&addr)]);
+    assert!(is_ok(ask(&mut client, both()).await.overall_code));
+    assert!(is_ok(ask(&mut client, both()).await.overall_code));
+    let response = ask(&mut client, both()).await;
+    assert!(is_over(response.overall_code));
+    assert_eq!(response.statuses[1].limit_remaining, 3, "the other slot's hit was given back");
+    let check = ask(&mut client, request("edge", vec![with_hits(&addr, 0)])).await;
+    assert_eq!(check.statuses[0].limit_remaining, 3);
+
+    // Exact under concurrency on one counter.
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let mut ok = 0;
+                for _ in 0..10 {
+                    if is_ok(one(&mut client, &[("hot", "cluster")]).await.code) {
+                        ok += 1;
+                    }
+                }
+                ok
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for task in tasks {
+        ok += task.await.expect("caller");
+    }
+    assert_eq!(ok, 100, "64 callers on a limit of 100 per month");
+}

@@ -11,11 +11,13 @@ pub mod lock;
 pub mod rate_limit;
 pub mod session;
 pub mod stats;
+mod topology;
 mod wake;
 
 use std::time::Duration;
 
 pub use connection::{Conn, Redis};
+pub use topology::Topology;
 
 /// Whole milliseconds (the scripts' unit), rounded up so a positive TTL never
 /// becomes zero.

@@ -1,5 +1,10 @@
 //! Rate-limit operations: one script invocation (one round trip) per call,
-//! whatever the number of limits.
+//! whatever the number of limits, when the limits share a hash slot (always
+//! on a single server). On Redis Cluster, limits in different slots are
+//! decided and consumed slot by slot, concurrently; if any slot denies, what
+//! the others consumed is given back (`rate_limit_refund.lua`), so a Check
+//! still never admits more than a limit allows, but may briefly over-deny a
+//! concurrent Check between the consumption and the refund.
 
 use std::time::Duration;
 
@@ -62,6 +67,23 @@ pub struct Part<'a> {
     pub advisory: bool,
 }
 
+impl Part<'_> {
+    /// The script's flags for this part.
+    fn flags(&self) -> &'static str {
+        match (self.peek, self.advisory) {
+            (false, false) => "",
+            (true, false) => "p",
+            (false, true) => "a",
+            (true, true) => "pa",
+        }
+    }
+
+    /// Whether a check that went through consumed this part.
+    fn consumed(&self, decision: &Decision) -> bool {
+        decision.allowed && !self.peek
+    }
+}
+
 /// One limit's verdict.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
@@ -83,6 +105,8 @@ pub struct RateLimitStore {
     check: Script,
     /// Clears keys (`lua/rate_limit_reset.lua`).
     reset: Script,
+    /// Gives back a consumption (`lua/rate_limit_refund.lua`).
+    refund: Script,
 }
 
 impl RateLimitStore {
@@ -93,70 +117,124 @@ impl RateLimitStore {
             keys,
             check: Script::new(include_str!("lua/rate_limit_check.lua")),
             reset: Script::new(include_str!("lua/rate_limit_reset.lua")),
+            refund: Script::new(include_str!("lua/rate_limit_refund.lua")),
         }
     }
 
-    /// Decides `cost` against every limit in one atomic step and, unless
-    /// `peek` or any limit denies, consumes it from all of them. Verdicts
-    /// come back in the order of `limits`.
+    /// Decides `cost` against every limit and, unless `peek` or any limit
+    /// denies, consumes it from all of them: one atomic step per hash slot
+    /// (one in all on a single server). Verdicts come back in the order of
+    /// `limits`.
     pub async fn check(&self, limits: &[Limit<'_>], cost: u64, peek: bool) -> Result<Vec<Decision>> {
         let parts: Vec<Part<'_>> =
             limits.iter().map(|limit| Part { limit: limit.clone(), cost, peek, advisory: false }).collect();
         self.check_each(&parts).await
     }
 
-    /// Decides every part against its own cost in one atomic step and, when
-    /// every part that is not advisory allows, consumes each part's cost
-    /// from every part that allows and is not peeked; otherwise consumes
-    /// nothing. Verdicts come back in the order of `parts`.
+    /// Decides every part against its own cost and, when every part that is
+    /// not advisory allows, consumes each part's cost from every part that
+    /// allows and is not peeked; otherwise consumes nothing. One atomic step
+    /// per hash slot (one in all on a single server); a slot that consumed
+    /// while another denied is refunded. Verdicts come back in the order of
+    /// `parts`.
     pub async fn check_each(&self, parts: &[Part<'_>]) -> Result<Vec<Decision>> {
-        if parts.is_empty() {
-            return Ok(Vec::new());
+        let keys: Vec<String> = parts.iter().map(|part| self.state_key(&part.limit)).collect();
+        let groups = self.redis.slot_groups(keys.iter().map(String::as_str));
+        let keys = &keys;
+        let runs = groups.iter().map(|group| async move {
+            let mut call = self.check.prepare_invoke();
+            for &i in group {
+                let part = &parts[i];
+                let limit = &part.limit;
+                call.key(&keys[i]);
+                call.arg(limit.algorithm.code()).arg(limit.limit).arg(limit.period_ms).arg(limit.burst);
+                call.arg(part.cost).arg(part.flags());
+            }
+            let reply: Vec<i64> = self.redis.invoke(&call).await?;
+            parse_check(&reply, group.len())
+        });
+        let verdicts = futures::future::try_join_all(runs).await?;
+        // A slot went through when every part of it that is not advisory allowed.
+        let through = |group: &[usize], verdict: &[(Decision, i64)]| {
+            group.iter().zip(verdict).all(|(&i, (decision, _))| decision.allowed || parts[i].advisory)
+        };
+        let allowed = groups.iter().zip(&verdicts).all(|(group, verdict)| through(group, verdict));
+        let mut decisions: Vec<Option<Decision>> = vec![None; parts.len()];
+        let mut refunds = Vec::new();
+        for (group, verdict) in groups.iter().zip(verdicts) {
+            // A slot that went through consumed; give it back if another
+            // slot denied.
+            let refund = !allowed && through(group, &verdict);
+            if refund {
+                let taken: Vec<(usize, i64)> = group
+                    .iter()
+                    .zip(&verdict)
+                    .filter(|&(&i, (decision, _))| parts[i].consumed(decision))
+                    .map(|(&i, (_, window))| (i, *window))
+                    .collect();
+                if !taken.is_empty() {
+                    refunds.push(self.refund(taken, keys, parts));
+                }
+            }
+            for (&i, (mut decision, _)) in group.iter().zip(verdict) {
+                if refund && parts[i].consumed(&decision) {
+                    decision.remaining = decision.remaining.saturating_add(parts[i].cost);
+                }
+                decisions[i] = Some(decision);
+            }
         }
-        let mut call = self.check.prepare_invoke();
-        for part in parts {
-            let limit = &part.limit;
-            let flags = match (part.peek, part.advisory) {
-                (false, false) => "",
-                (true, false) => "p",
-                (false, true) => "a",
-                (true, true) => "pa",
-            };
-            call.key(self.state_key(limit));
-            call.arg(limit.algorithm.code()).arg(limit.limit).arg(limit.period_ms).arg(limit.burst);
-            call.arg(part.cost).arg(flags);
-        }
-        let reply: Vec<i64> = self.redis.invoke(&call).await?;
-        if reply.len() != parts.len() * 4 {
-            return Err(Error::Internal(format!("check returned {} values for {} limits", reply.len(), parts.len())));
-        }
-        let millis = |ms: i64| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-        Ok(reply
-            .chunks_exact(4)
-            .map(|row| Decision {
-                allowed: row[0] == 1,
-                remaining: u64::try_from(row[1]).unwrap_or(0),
-                reset_after: millis(row[2]),
-                retry_after: millis(row[3]),
-            })
-            .collect())
+        futures::future::try_join_all(refunds).await?;
+        decisions
+            .into_iter()
+            .map(|decision| decision.ok_or_else(|| Error::Internal("a limit without a verdict".into())))
+            .collect()
     }
 
-    /// Clears every algorithm's state of each key; returns how many keys had
-    /// any.
-    pub async fn reset(&self, keys: &[String]) -> Result<u32> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let mut call = self.reset.prepare_invoke();
-        for key in keys {
-            call.key(self.keys.rate_limit_fixed(key))
-                .key(self.keys.rate_limit_sliding(key))
-                .key(self.keys.rate_limit_bucket(key));
+    /// Gives back what a check consumed from one slot's parts: `taken` holds
+    /// each consumed part's index and the window it counted in.
+    async fn refund(&self, taken: Vec<(usize, i64)>, keys: &[String], parts: &[Part<'_>]) -> Result<()> {
+        let mut call = self.refund.prepare_invoke();
+        for (i, window) in taken {
+            let limit = &parts[i].limit;
+            call.key(&keys[i]);
+            call.arg(limit.algorithm.code()).arg(limit.limit).arg(limit.period_ms).arg(window).arg(parts[i].cost);
         }
         self.redis.invoke(&call).await
     }
 
+    /// Clears every algorithm's state of each key; returns how many keys had
+    /// any (a repeated key counts once). One script call per hash slot of
+    /// the state keys, sent together.
+    pub async fn reset(&self, keys: &[String]) -> Result<u32> {
+        let mut unique: Vec<&String> = keys.iter().collect();
+        unique.sort_unstable();
+        unique.dedup();
+        let states: Vec<String> = unique
+            .iter()
+            .flat_map(|key| {
+                [self.keys.rate_limit_fixed(key), self.keys.rate_limit_sliding(key), self.keys.rate_limit_bucket(key)]
+            })
+            .collect();
+        let groups = self.redis.slot_groups(states.iter().map(String::as_str));
+        let states = &states;
+        let calls = groups.iter().map(|group| async move {
+            let mut call = self.reset.prepare_invoke();
+            for &i in group {
+                call.key(&states[i]);
+            }
+            self.redis.invoke::<Vec<i64>>(&call).await
+        });
+        let mut existed = vec![false; states.len()];
+        for (group, flags) in groups.iter().zip(futures::future::try_join_all(calls).await?) {
+            for (&i, flag) in group.iter().zip(flags) {
+                existed[i] = flag == 1;
+            }
+        }
+        let reset = existed.chunks(3).filter(|key| key.iter().any(|&had| had)).count();
+        Ok(u32::try_from(reset).unwrap_or(u32::MAX))
+    }
+
+    /// The state key of a limit.
     fn state_key(&self, limit: &Limit<'_>) -> String {
         match limit.algorithm {
             Algorithm::FixedWindow => self.keys.rate_limit_fixed(limit.key),
@@ -164,4 +242,25 @@ impl RateLimitStore {
             Algorithm::TokenBucket => self.keys.rate_limit_bucket(limit.key),
         }
     }
+}
+
+/// The verdicts of one check script reply: per limit, its decision and the
+/// window it counted in.
+fn parse_check(reply: &[i64], limits: usize) -> Result<Vec<(Decision, i64)>> {
+    if reply.len() != limits * 5 {
+        return Err(Error::Internal(format!("check returned {} values for {limits} limits", reply.len())));
+    }
+    let millis = |ms: i64| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    Ok(reply
+        .chunks_exact(5)
+        .map(|row| {
+            let decision = Decision {
+                allowed: row[0] == 1,
+                remaining: u64::try_from(row[1]).unwrap_or(0),
+                reset_after: millis(row[2]),
+                retry_after: millis(row[3]),
+            };
+            (decision, row[4])
+        })
+        .collect())
 }

@@ -8,8 +8,10 @@
 --       flags: '' or any of 'p' (peek: decide, never write) and 'a'
 --       (advisory: a denial is reported but does not deny the request, as
 --       Envoy's shadow_mode; it is not consumed either).
--- Returns: four integers per limit, in request order: allowed (1/0),
---       remaining, reset_after ms, retry_after ms.
+-- Returns: five integers per limit, in request order: allowed (1/0),
+--       remaining, reset_after ms, retry_after ms, and the window the limit
+--       counted in (its index; 0 for a bucket), which a refund
+--       (rate_limit_refund.lua) needs.
 --
 -- A script, not MULTI: each decision reads stored state and the clock, and
 -- whether anything is written depends on every decision, so reading,
@@ -84,7 +86,7 @@ local function fixed(key, limit, period, _, cost)
     reset_now = left
   end
   return ok, retry, {math.max(0, limit - n), math.max(0, limit - n - cost)}, {reset_now, left},
-    {'w', int(w), 'n', int(n + cost)}, left
+    {'w', int(w), 'n', int(n + cost)}, left, w
 end
 
 local function sliding(key, limit, period, _, cost)
@@ -135,7 +137,7 @@ local function sliding(key, limit, period, _, cost)
     return 0
   end
   return ok, retry, {remaining(curr), remaining(curr + cost)}, {reset(curr), reset(curr + cost)},
-    {'w', int(w), 'c', int(curr + cost), 'p', int(prev)}, 2 * period - e
+    {'w', int(w), 'c', int(curr + cost), 'p', int(prev)}, 2 * period - e, w
 end
 
 local function bucket(key, limit, period, burst, cost)
@@ -158,7 +160,7 @@ local function bucket(key, limit, period, burst, cost)
   end
   local full_in = cdiv(debt + take, limit)
   return ok, retry, {remaining(debt), remaining(debt + take)}, {cdiv(debt, limit), full_in},
-    {'t', int(now), 'd', int(debt + take)}, full_in
+    {'t', int(now), 'd', int(debt + take)}, full_in, 0
 end
 
 local deciders = {f = fixed, s = sliding, t = bucket}
@@ -173,9 +175,9 @@ for i, key in ipairs(KEYS) do
     return redis.error_reply('unknown algorithm ' .. tostring(ARGV[base + 1]))
   end
   local flags = ARGV[base + 6]
-  local ok, retry, remaining, reset, fields, ttl = decide(key, tonumber(ARGV[base + 2]),
+  local ok, retry, remaining, reset, fields, ttl, window = decide(key, tonumber(ARGV[base + 2]),
     tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5]))
-  decisions[i] = {ok, retry, remaining, reset, fields, ttl, not string.find(flags, 'p', 1, true)}
+  decisions[i] = {ok, retry, remaining, reset, fields, ttl, window, not string.find(flags, 'p', 1, true)}
   all = all and (ok or string.find(flags, 'a', 1, true) ~= nil)
 end
 
@@ -184,7 +186,7 @@ local out = {}
 for i, key in ipairs(KEYS) do
   local d = decisions[i]
   local which = 1
-  if all and d[1] and d[7] then
+  if all and d[1] and d[8] then
     which = 2
     redis.call('HSET', key, unpack(d[5]))
     redis.call('PEXPIRE', key, int(d[6]))
@@ -197,5 +199,6 @@ for i, key in ipairs(KEYS) do
   out[#out + 1] = d[3][which]
   out[#out + 1] = d[4][which]
   out[#out + 1] = d[2]
+  out[#out + 1] = d[7]
 end
 return out
