@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Operator's smoke check with grpcurl and no .proto files at hand (reflection
-# only): list services, describe one, Cache Set/Get, RateLimit Check, Health Check.
+# only): list services, describe one, Cache Set/Get, RateLimit Check, Envoy's
+# ShouldRateLimit (from an envoyproxy/ratelimit YAML config), Health Check.
 # Starts its own redis-server and the given cachecoord binary on free ports.
 # Usage: scripts/grpcurl-smoke.sh [path/to/cachecoord]
 set -euo pipefail
@@ -21,7 +22,14 @@ trap cleanup EXIT
 
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --dir "$work" --daemonize yes \
   --logfile "$work/redis.log" >/dev/null
-"$bin" --listen "$addr" --redis-url "redis://127.0.0.1:$redis_port" >"$work/service.log" 2>&1 &
+cat >"$work/rls.yaml" <<'YAML'
+domain: edge
+descriptors:
+  - key: remote_address
+    rate_limit: {unit: minute, requests_per_unit: 1}
+YAML
+"$bin" --listen "$addr" --redis-url "redis://127.0.0.1:$redis_port" --rls-config "$work/rls.yaml" \
+  >"$work/service.log" 2>&1 &
 svc_pid=$!
 
 fail() { echo "grpcurl smoke: $*" >&2; cat "$work/service.log" >&2; exit 1; }
@@ -43,6 +51,7 @@ services=$(grpcurl -plaintext "$addr" list)
 for svc in CacheService SessionService RateLimitService LockService StatsService; do
   expect "list $svc" "cachecoord.v1.$svc" "$services"
 done
+expect "list envoy.service.ratelimit.v3.RateLimitService" "envoy.service.ratelimit.v3.RateLimitService" "$services"
 expect "describe" "rpc Fetch" "$(grpcurl -plaintext "$addr" describe cachecoord.v1.CacheService)"
 expect "describe message" "fill_timeout" "$(grpcurl -plaintext "$addr" describe cachecoord.v1.FetchRequest)"
 expect "Cache/Set" '"stored": true' \
@@ -62,6 +71,11 @@ rl='{"limits":[{"key":"smoke","limit":1,"period":"60s","algorithm":"ALGORITHM_TO
 expect "RateLimit/Check" '"allowed": true' "$(grpcurl -plaintext -d "$rl" "$addr" cachecoord.v1.RateLimitService/Check)"
 expect "RateLimit/Check denied" '"retryAfter": "[56][0-9.]*s"' \
   "$(grpcurl -plaintext -d "$rl" "$addr" cachecoord.v1.RateLimitService/Check)"
+rls='{"domain":"edge","descriptors":[{"entries":[{"key":"remote_address","value":"203.0.113.7"}]}]}'
+expect "Envoy ShouldRateLimit" '"overallCode": "OK"' \
+  "$(grpcurl -plaintext -d "$rls" "$addr" envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit)"
+expect "Envoy ShouldRateLimit over the limit" '"overallCode": "OVER_LIMIT"' \
+  "$(grpcurl -plaintext -d "$rls" "$addr" envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit)"
 created=$(grpcurl -plaintext -d '{"user_id":"smoke","data":{"role":"admin"},"ttl":"60s"}' "$addr" \
   cachecoord.v1.SessionService/CreateSession)
 expect "Session/CreateSession" '"role": "admin"' "$created"

@@ -1,7 +1,7 @@
 //! Process configuration: every flag has an environment variable, and every
 //! value is checked here, once, before anything starts.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Parser, ValueEnum};
 
@@ -12,6 +12,17 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log shippers.
     Json,
+}
+
+/// Rate-limit headers added to Envoy ShouldRateLimit answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RlsHeaders {
+    /// None.
+    Off,
+    /// `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset` (IETF draft).
+    Draft,
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
+    X,
 }
 
 /// cachecoord: one gRPC contract in front of Redis for caching, sessions,
@@ -140,6 +151,22 @@ pub struct Config {
     /// `unchecked`) instead of failing them with UNAVAILABLE.
     #[arg(long, env = "CACHECOORD_RATE_LIMIT_FAIL_OPEN", default_value_t = false)]
     pub rate_limit_fail_open: bool,
+
+    /// envoyproxy/ratelimit YAML config files or directories (their *.yaml
+    /// and *.yml files); repeat the flag or separate with commas. When set,
+    /// envoy.service.ratelimit.v3.RateLimitService is served.
+    #[arg(long, env = "CACHECOORD_RLS_CONFIG", value_delimiter = ',')]
+    pub rls_config: Vec<PathBuf>,
+
+    /// How often the --rls-config files are checked for changes; 0s: only
+    /// on SIGHUP.
+    #[arg(long, env = "CACHECOORD_RLS_CONFIG_POLL", default_value = "1s", value_parser = duration)]
+    pub rls_config_poll: Duration,
+
+    /// Rate-limit headers in ShouldRateLimit answers (for Envoy to add to
+    /// the client's response).
+    #[arg(long, env = "CACHECOORD_RLS_RESPONSE_HEADERS", value_enum, default_value = "off")]
+    pub rls_response_headers: RlsHeaders,
 
     /// Largest gRPC message accepted or sent, in bytes.
     #[arg(long, env = "CACHECOORD_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
@@ -281,6 +308,16 @@ mod tests {
     fn bad_redis_url_is_rejected() {
         let config = parse(&["--redis-url", "http://x"]).expect("parses");
         assert!(config.validate().expect_err("invalid").contains("--redis-url"));
+    }
+
+    #[test]
+    fn rls_flags_take_several_files() {
+        let config = parse(&["--rls-config", "a.yaml,dir", "--rls-config", "b.yml"]).expect("parses");
+        assert_eq!(config.rls_config, vec![PathBuf::from("a.yaml"), PathBuf::from("dir"), PathBuf::from("b.yml")]);
+        assert_eq!(config.rls_config_poll, Duration::from_secs(1));
+        assert_eq!(config.rls_response_headers, RlsHeaders::Off);
+        assert!(parse(&[]).expect("parses").rls_config.is_empty());
+        assert!(parse(&["--rls-response-headers", "sometimes"]).is_err());
     }
 
     #[test]

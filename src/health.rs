@@ -23,7 +23,8 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(500);
 /// Longest wait for one probe's PING.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(900);
 
-/// The names health reports on: the overall "" and each service.
+/// The names health reports on: the overall "" and each service (plus
+/// Envoy's rate limit service when it is served).
 pub const SERVICE_NAMES: [&str; 6] = [
     "",
     <CacheServiceServer<()> as NamedService>::NAME,
@@ -34,14 +35,14 @@ pub const SERVICE_NAMES: [&str; 6] = [
 ];
 
 /// Sets every name to `status`.
-pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {
-    for name in SERVICE_NAMES {
+pub async fn set_all(reporter: &HealthReporter, names: &[&'static str], status: ServingStatus) {
+    for &name in names {
         reporter.set_service_status(name, status).await;
     }
 }
 
-/// Probes Redis forever, publishing each change of reachability.
-pub async fn probe(redis: Redis, reporter: HealthReporter) {
+/// Probes Redis forever, publishing each change of reachability for `names`.
+pub async fn probe(redis: Redis, reporter: HealthReporter, names: Vec<&'static str>) {
     let mut last = None;
     let mut ticks = tokio::time::interval(PROBE_INTERVAL);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -54,7 +55,7 @@ pub async fn probe(redis: Redis, reporter: HealthReporter) {
             } else {
                 tracing::warn!("redis unreachable: NOT_SERVING");
             }
-            set_all(&reporter, if up { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+            set_all(&reporter, &names, if up { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
             last = Some(up);
         }
     }

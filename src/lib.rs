@@ -11,6 +11,7 @@
 //! - [`deadline`]: `DEADLINE_EXCEEDED` when the caller's deadline passes.
 //! - [`health`]: grpc.health.v1 statuses that follow a Redis probe.
 //! - [`calendar`]: Stats time buckets in the configured time zone.
+//! - [`rls`]: Envoy's rate limit service: YAML config, matching, reload.
 //!
 //! `server::run` takes the listener and a shutdown future, so tests start the
 //! real server in-process on port 0.
@@ -23,6 +24,7 @@ pub mod error;
 pub mod health;
 pub mod keys;
 pub mod proto;
+pub mod rls;
 pub mod server;
 pub mod store;
 pub mod telemetry;

@@ -2,13 +2,18 @@
 
 use std::{future::Future, time::Duration};
 
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer as EnvoyRateLimitServiceServer;
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::ServingStatus;
 use tower_http::trace::TraceLayer;
 
 use crate::{
-    api::{Limits, cache::CacheApi, lock::LockApi, rate_limit::RateLimitApi, session::SessionApi, stats::StatsApi},
+    api::{
+        Limits, cache::CacheApi, envoy::EnvoyRateLimitApi, lock::LockApi, rate_limit::RateLimitApi,
+        session::SessionApi, stats::StatsApi,
+    },
     calendar::Calendar,
     config::Config,
     deadline::DeadlineLayer,
@@ -19,6 +24,7 @@ use crate::{
         rate_limit_service_server::RateLimitServiceServer, session_service_server::SessionServiceServer,
         stats_service_server::StatsServiceServer,
     },
+    rls,
     store::{
         Redis,
         cache::CacheStore,
@@ -43,14 +49,38 @@ pub async fn run(
     let keys = Keys::new(&config.key_prefix);
     let limits = Limits::from_config(&config);
 
+    // Envoy's rate limit protocol, served only when configured (an Envoy
+    // pointed at an unconfigured instance gets UNIMPLEMENTED, not OKs).
+    let envoy = if config.rls_config.is_empty() {
+        None
+    } else {
+        let rules = rls::reload::watch(config.rls_config.clone(), config.rls_config_poll)
+            .map_err(|errors| format!("--rls-config: {errors}"))?;
+        Some(EnvoyRateLimitApi::new(
+            RateLimitStore::new(redis.clone(), keys.clone()),
+            rules,
+            Limits::from_config(&config),
+            config.rls_response_headers,
+        ))
+    };
+    let mut health_names = health::SERVICE_NAMES.to_vec();
+    if envoy.is_some() {
+        health_names.push(<EnvoyRateLimitServiceServer<()> as NamedService>::NAME);
+    }
+
     let (reporter, health_service) = tonic_health::server::health_reporter();
-    health::set_all(&reporter, ServingStatus::NotServing).await;
-    let probe = tokio::spawn(health::probe(redis.clone(), reporter.clone()));
+    health::set_all(&reporter, &health_names, ServingStatus::NotServing).await;
+    let probe = tokio::spawn(health::probe(redis.clone(), reporter.clone(), health_names.clone()));
 
     let reflection = || {
-        tonic_reflection::server::Builder::configure()
+        let builder = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
+        if envoy.is_some() {
+            builder.register_encoded_file_descriptor_set(proto::ENVOY_RLS_DESCRIPTOR_SET)
+        } else {
+            builder
+        }
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
@@ -110,7 +140,7 @@ pub async fn run(
         shutdown.await;
         tracing::info!("shutting down: NOT_SERVING, draining in-flight RPCs");
         probe.abort();
-        health::set_all(&stop_reporter, ServingStatus::NotServing).await;
+        health::set_all(&stop_reporter, &health_names, ServingStatus::NotServing).await;
         let _ = stopping_tx.send(true);
     });
     let mut drained_rx = stopping_rx.clone();
@@ -135,6 +165,7 @@ pub async fn run(
         .add_service(sized!(RateLimitServiceServer::new(rate_limit)))
         .add_service(sized!(LockServiceServer::new(locks.until_stopping(stopping_rx.clone()))))
         .add_service(sized!(StatsServiceServer::new(stats)))
+        .add_optional_service(envoy.map(|envoy| sized!(EnvoyRateLimitServiceServer::new(envoy))))
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = stopping_rx.wait_for(|stopping| *stopping).await;
         });

@@ -66,6 +66,14 @@ struct Args {
     /// Environment for the service (repeat), e.g. `--service-env RUST_LOG=warn`.
     #[arg(long = "service-env")]
     service_env: Vec<String>,
+    /// host:port of another Envoy rate limit server to measure beside ours
+    /// (ShouldRateLimit on domain `bench`; see BENCHMARKS.md for its config).
+    #[arg(long)]
+    rls_external: Option<String>,
+    /// Runs of the over-admission measurement (64 callers x 10 calls on a
+    /// limit of 100).
+    #[arg(long, default_value_t = 5)]
+    overadmission_runs: usize,
 }
 
 #[derive(Subcommand)]
@@ -118,6 +126,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         args.warmup = Duration::from_millis(50);
         args.callers = vec![1, 4];
         args.out = "-".into();
+        args.overadmission_runs = 1;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(run(args))
@@ -169,10 +178,14 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let grpc_port = free_port()?;
     // As deployed: the per-RPC log line at info, written to a file.
     let log = std::fs::File::create(dir.path().join("service.log"))?;
+    let rls_config = dir.path().join("rls.yaml");
+    std::fs::write(&rls_config, targets::RLS_CONFIG)?;
     let mut service = Command::new(std::env::current_exe()?);
     service
         .args(["serve", "--listen", &format!("127.0.0.1:{grpc_port}"), "--redis-url", &redis_url])
         .args(["--key-prefix", "bench"])
+        .arg("--rls-config")
+        .arg(&rls_config)
         .args(&args.service_args)
         .env("RUST_LOG", "info")
         .stdout(log);
@@ -182,7 +195,8 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let service = Process(service.spawn()?);
     let service_pid = service.0.id();
-    let clients = Arc::new(Clients::connect(grpc_port, &redis_url, args.connections).await?);
+    let clients =
+        Arc::new(Clients::connect(grpc_port, &redis_url, args.connections, args.rls_external.as_deref()).await?);
 
     let mut points = Vec::new();
     for &callers in &args.callers {
@@ -206,8 +220,16 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let handoff = targets::lock_handoff(&clients, if args.quick { 20 } else { 200 }).await?;
+    let mut admitted = Vec::new();
+    for (name, channels) in clients.rls_channels() {
+        if !channels.is_empty() {
+            let counts = targets::overadmission(channels, args.overadmission_runs).await?;
+            eprintln!("{name}: admitted {counts:?} of 640 calls on a limit of 100");
+            admitted.push((name, counts));
+        }
+    }
     let rss = in_flight_rss(&clients, service.0.id()).await?;
-    let report = report(&args, &points, handoff, rss);
+    let report = report(&args, &points, handoff, rss, &admitted);
     println!("{report}");
     if args.out != "-" {
         std::fs::write(PathBuf::from(&args.out), report)?;
@@ -291,7 +313,16 @@ fn find<'a>(points: &'a [Point], target: &str, callers: usize) -> Option<&'a Poi
     points.iter().find(|p| p.target == target && p.callers == callers)
 }
 
-fn report(args: &Args, points: &[Point], handoff: Option<(f64, f64)>, rss_kb: Option<u64>) -> String {
+/// Per RLS server, how many calls each over-admission run admitted.
+type Admitted = [(&'static str, Vec<usize>)];
+
+fn report(
+    args: &Args,
+    points: &[Point],
+    handoff: Option<(f64, f64)>,
+    rss_kb: Option<u64>,
+    admitted: &Admitted,
+) -> String {
     let mut out = String::new();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let memory = std::fs::read_to_string("/proc/meminfo")
@@ -338,16 +369,18 @@ fn report(args: &Args, points: &[Point], handoff: Option<(f64, f64)>, rss_kb: Op
         if let Some(store) = target.and_then(Target::store).and_then(|t| find(points, t.name(), point.callers)) {
             vs_store = format!("{:.2}", point.rate() / store.rate());
         }
+        // Our processes' CPU says nothing about another server's calls.
+        let external = target == Some(Target::ExternalShouldRateLimit);
         let _ = writeln!(
             out,
-            "| {} | {} | {:.0} | {:.3} | {:.3} | {:.1} | {} | {vs_echo} | {vs_redis} | {vs_store} | {glue} |",
+            "| {} | {} | {:.0} | {:.3} | {:.3} | {} | {} | {vs_echo} | {vs_redis} | {vs_store} | {glue} |",
             point.target,
             point.callers,
             point.rate(),
             point.p(0.5),
             point.p(0.99),
-            point.redis_us(),
-            if point.service_cpu.is_zero() { String::new() } else { format!("{:.1}", point.service_us()) }
+            if external { String::new() } else { format!("{:.1}", point.redis_us()) },
+            if point.service_cpu.is_zero() || external { String::new() } else { format!("{:.1}", point.service_us()) }
         );
     }
     let _ = writeln!(
@@ -398,7 +431,15 @@ fn report(args: &Args, points: &[Point], handoff: Option<(f64, f64)>, rss_kb: Op
     if let Some(kb) = rss_kb {
         let _ = writeln!(out, "- service peak RSS with 1,000 calls in flight: {:.1} MB", kb as f64 / 1024.0);
     }
-    goals(&mut out, points, handoff, rss_kb);
+    for (name, counts) in admitted {
+        let counts: Vec<String> = counts.iter().map(ToString::to_string).collect();
+        let _ = writeln!(
+            out,
+            "- ShouldRateLimit exactness ({name}): 64 callers x 10 calls on a limit of 100 admitted {} (runs)",
+            counts.join(", ")
+        );
+    }
+    goals(&mut out, points, handoff, rss_kb, admitted);
     out
 }
 
@@ -408,7 +449,7 @@ fn glue_overhead(service: f64, echo: f64, redis: f64) -> f64 {
 }
 
 /// The goals of the connection-layer issue, each with what this run measured.
-fn goals(out: &mut String, points: &[Point], handoff: Option<(f64, f64)>, rss_kb: Option<u64>) {
+fn goals(out: &mut String, points: &[Point], handoff: Option<(f64, f64)>, rss_kb: Option<u64>, admitted: &Admitted) {
     let at = |t: Target, c| find(points, t.name(), c);
     let rate = |t: Target, c| at(t, c).map(Point::rate);
     let mut rows: Vec<(&str, String, Option<bool>)> = Vec::new();
@@ -457,6 +498,25 @@ fn goals(out: &mut String, points: &[Point], handoff: Option<(f64, f64)>, rss_kb
         "GetMany(100) keys/s ≥ 30 × Get keys/s (64 callers)",
         keys.map_or("n/a".into(), |k| format!("{k:.1}×")),
         keys.map(|k| k >= 30.0),
+    ));
+    let envoy = rate(Target::ShouldRateLimit, 64);
+    let ratio = envoy.zip(rate(Target::RateLimitCheck, 64)).map(|(e, c)| e / c);
+    rows.push((
+        "ShouldRateLimit at 64 callers ≥ RateLimit.Check at 64 callers",
+        ratio.map_or("n/a".into(), |r| format!("{r:.2}×")),
+        ratio.map(|r| r >= 1.0),
+    ));
+    let ratio = envoy.zip(rate(Target::ExternalShouldRateLimit, 64)).map(|(e, x)| e / x);
+    rows.push((
+        "ShouldRateLimit at 64 callers ≥ 1.5 × the external RLS server's",
+        ratio.map_or("n/a (no --rls-external)".into(), |r| format!("{r:.2}×")),
+        ratio.map(|r| r >= 1.5),
+    ));
+    let exact = admitted.iter().find(|(name, _)| *name == "cachecoord").map(|(_, counts)| counts);
+    rows.push((
+        "ShouldRateLimit admits exactly 100 of 640 calls on a limit of 100 (64 callers)",
+        exact.map_or("n/a".into(), |c| format!("{c:?}")),
+        exact.map(|c| c.iter().all(|&n| n == 100)),
     ));
     rows.push((
         "lock hand-off p50 ≤ 1 ms, p99 ≤ 2 ms",

@@ -25,12 +25,18 @@ use cachecoord::{
     store::{
         Redis,
         cache::{CacheStore, Condition, Write},
-        rate_limit::{Algorithm, Limit, RateLimitStore},
+        rate_limit::{Algorithm, Limit, Part, RateLimitStore},
         session::SessionStore,
         stats::{Retention, StatsStore},
     },
 };
 use clap::Parser as _;
+use envoy_types::pb::envoy::{
+    extensions::common::ratelimit::v3::{RateLimitDescriptor, rate_limit_descriptor::Entry},
+    service::ratelimit::v3::{
+        RateLimitRequest, rate_limit_response::Code, rate_limit_service_client::RateLimitServiceClient as EnvoyClient,
+    },
+};
 use hdrhistogram::Histogram;
 use redis::aio::MultiplexedConnection;
 use tonic::transport::Channel;
@@ -44,6 +50,20 @@ const MANY: usize = 100;
 /// A token bucket that never runs dry: the benchmark measures the check, not denials.
 const LIMIT: u64 = 1 << 40;
 const PERIOD_MS: u64 = 1_000;
+
+/// The Envoy rate-limit domain of the benchmark's `--rls-config` (and of an
+/// external RLS server's config, see BENCHMARKS.md).
+pub const RLS_DOMAIN: &str = "bench";
+
+/// The service's `--rls-config`: per caller, a fixed window of a minute that
+/// never runs dry (`caller`); per value, 100 a day (`exact`, for exactness).
+pub const RLS_CONFIG: &str = "domain: bench
+descriptors:
+  - key: caller
+    rate_limit: {unit: minute, requests_per_unit: 4294967295}
+  - key: exact
+    rate_limit: {unit: day, requests_per_unit: 100}
+";
 
 /// A thing to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -64,6 +84,9 @@ pub enum Target {
     RateLimitCheck,
     RedisIncrExpire,
     StoreRateLimitCheck,
+    ShouldRateLimit,
+    StoreFixedWindowCheck,
+    ExternalShouldRateLimit,
     LockAcquireRelease,
     RedisSetNxDel,
     StatsIncrement,
@@ -92,6 +115,9 @@ impl Target {
         Target::RateLimitCheck,
         Target::RedisIncrExpire,
         Target::StoreRateLimitCheck,
+        Target::ShouldRateLimit,
+        Target::StoreFixedWindowCheck,
+        Target::ExternalShouldRateLimit,
         Target::LockAcquireRelease,
         Target::RedisSetNxDel,
         Target::StatsIncrement,
@@ -119,6 +145,9 @@ impl Target {
             Target::RateLimitCheck => "RateLimit.Check (token bucket)",
             Target::RedisIncrExpire => "redis INCR+PEXPIRE (fixed window)",
             Target::StoreRateLimitCheck => "store rate-limit check",
+            Target::ShouldRateLimit => "Envoy ShouldRateLimit (1 descriptor)",
+            Target::StoreFixedWindowCheck => "store fixed-window check",
+            Target::ExternalShouldRateLimit => "external RLS ShouldRateLimit (1 descriptor)",
             Target::LockAcquireRelease => "Lock.Acquire+Release (2 RPCs)",
             Target::RedisSetNxDel => "redis SET NX PX + DEL",
             Target::StatsIncrement => "Stats.Increment (1 delta)",
@@ -140,7 +169,7 @@ impl Target {
             Target::CacheGet => Some(Target::RedisGet),
             Target::CacheSet => Some(Target::RedisSet),
             Target::CacheGetMany => Some(Target::RedisMget),
-            Target::RateLimitCheck => Some(Target::RedisIncrExpire),
+            Target::RateLimitCheck | Target::ShouldRateLimit => Some(Target::RedisIncrExpire),
             Target::LockAcquireRelease => Some(Target::RedisSetNxDel),
             Target::StatsIncrement => Some(Target::RedisIncrBuckets),
             Target::SessionGet => Some(Target::RedisHgetall),
@@ -155,6 +184,7 @@ impl Target {
             Target::CacheSet => Some(Target::StoreSet),
             Target::CacheGetMany => Some(Target::StoreGetMany),
             Target::RateLimitCheck => Some(Target::StoreRateLimitCheck),
+            Target::ShouldRateLimit => Some(Target::StoreFixedWindowCheck),
             Target::StatsIncrement => Some(Target::StoreStatsIncrement),
             Target::SessionGet => Some(Target::StoreSessionGet),
             _ => None,
@@ -180,6 +210,8 @@ pub struct Clients {
     value: Vec<u8>,
     /// Services that answered UNIMPLEMENTED when prepared.
     lock_available: bool,
+    /// Channels to an external Envoy RLS server (`--rls-external`), if any.
+    external: Vec<Channel>,
 }
 
 impl Clients {
@@ -187,11 +219,21 @@ impl Clients {
     /// Redis connections and the stores (over `connections` shared
     /// connections), waits for the service to be SERVING, and preloads what
     /// is read.
-    pub async fn connect(grpc_port: u16, redis_url: &str, connections: usize) -> Result<Self, String> {
+    pub async fn connect(
+        grpc_port: u16,
+        redis_url: &str,
+        connections: usize,
+        external: Option<&str>,
+    ) -> Result<Self, String> {
         let mut channels = Vec::new();
+        let mut external_channels = Vec::new();
         for _ in 0..connections.max(1) {
             let endpoint = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}")).map_err(|e| e.to_string())?;
             channels.push(connect_retrying(endpoint).await?);
+            if let Some(addr) = external {
+                let endpoint = Channel::from_shared(format!("http://{addr}")).map_err(|e| e.to_string())?;
+                external_channels.push(connect_retrying(endpoint).await?);
+            }
         }
         let shared = connections.max(1).to_string();
         let args = ["cachecoord", "--redis-url", redis_url, "--key-prefix", "bench", "--redis-connections", &shared];
@@ -233,6 +275,7 @@ impl Clients {
             session_key: String::new(),
             value: vec![b'x'; 100],
             lock_available: false,
+            external: external_channels,
         };
         clients.prepare().await?;
         Ok(clients)
@@ -280,7 +323,16 @@ impl Clients {
 
     /// True when the service implements what `target` calls.
     pub fn available(&self, target: Target) -> bool {
-        target != Target::LockAcquireRelease || self.lock_available
+        match target {
+            Target::LockAcquireRelease => self.lock_available,
+            Target::ExternalShouldRateLimit => !self.external.is_empty(),
+            _ => true,
+        }
+    }
+
+    /// Channels to our service, and to the external RLS server if any.
+    pub fn rls_channels(&self) -> [(&'static str, &[Channel]); 2] {
+        [("cachecoord", &self.channels), ("external", &self.external)]
     }
 
     pub fn worker(self: &Arc<Self>, target: Target, caller: usize) -> Worker {
@@ -293,7 +345,9 @@ impl Clients {
             locks: LockServiceClient::new(channel.clone()),
             stats: StatsServiceClient::new(channel.clone()),
             sessions: SessionServiceClient::new(channel.clone()),
-            health: HealthClient::new(channel),
+            health: HealthClient::new(channel.clone()),
+            envoy: EnvoyClient::new(channel),
+            external: self.external.get(caller % self.external.len().max(1)).cloned().map(EnvoyClient::new),
             plain: self.plain[caller % self.plain.len()].clone(),
             own_key: format!("caller:{caller}"),
             many: (0..MANY).map(|i| format!("many:{i}")).collect(),
@@ -327,6 +381,8 @@ pub struct Worker {
     stats: StatsServiceClient<Channel>,
     sessions: SessionServiceClient<Channel>,
     health: HealthClient<Channel>,
+    envoy: EnvoyClient<Channel>,
+    external: Option<EnvoyClient<Channel>>,
     /// This caller's share of a plain Redis connection.
     plain: MultiplexedConnection,
     /// This caller's own key or name, so callers do not contend.
@@ -429,6 +485,25 @@ impl Worker {
                 };
                 c.rate_limit.check(&[limit], 1, false).await.map_err(|e| err(&e))?;
             }
+            Target::ShouldRateLimit => {
+                should_rate_limit(&mut self.envoy, "caller", &self.own_key).await?;
+            }
+            Target::ExternalShouldRateLimit => {
+                let client = self.external.as_mut().ok_or("no external RLS server")?;
+                should_rate_limit(client, "caller", &self.own_key).await?;
+            }
+            Target::StoreFixedWindowCheck => {
+                let key = cachecoord::rls::counter_key(RLS_DOMAIN, &[("caller", &self.own_key)]);
+                let limit = Limit {
+                    key: &key,
+                    limit: u32::MAX.into(),
+                    period_ms: 60_000,
+                    algorithm: Algorithm::FixedWindow,
+                    burst: 0,
+                };
+                let part = Part { limit, cost: 1, peek: false, advisory: false };
+                c.rate_limit.check_each(&[part]).await.map_err(|e| err(&e))?;
+            }
             Target::LockAcquireRelease => {
                 let name = self.own_key.clone();
                 let acquire = AcquireRequest { name: name.clone(), ttl: ms(30_000), wait: None, owner: "bench".into() };
@@ -501,6 +576,51 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// One ShouldRateLimit with one descriptor `[(key, value)]` in [`RLS_DOMAIN`];
+/// true when OK.
+async fn should_rate_limit(client: &mut EnvoyClient<Channel>, key: &str, value: &str) -> Result<bool, String> {
+    let descriptor =
+        RateLimitDescriptor { entries: vec![Entry { key: key.into(), value: value.into() }], ..Default::default() };
+    let request = RateLimitRequest { domain: RLS_DOMAIN.into(), descriptors: vec![descriptor], hits_addend: 0 };
+    let response = client.should_rate_limit(request).await.map_err(|e| e.to_string())?.into_inner();
+    match Code::try_from(response.overall_code) {
+        Ok(Code::Ok) => Ok(true),
+        Ok(Code::OverLimit) => Ok(false),
+        _ => Err(format!("unexpected overall code {}", response.overall_code)),
+    }
+}
+
+/// How many of 64 callers x 10 ShouldRateLimit calls on one fresh counter
+/// with a limit of 100 (`exact`) are answered OK, per run.
+pub async fn overadmission(channels: &[Channel], runs: usize) -> Result<Vec<usize>, String> {
+    let mut counts = Vec::new();
+    for run in 0..runs {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        let value = format!("run{run}-{nanos}");
+        let tasks: Vec<_> = (0..64)
+            .map(|caller| {
+                let mut client = EnvoyClient::new(channels[caller % channels.len()].clone());
+                let value = value.clone();
+                tokio::spawn(async move {
+                    let mut ok = 0;
+                    for _ in 0..10 {
+                        if should_rate_limit(&mut client, "exact", &value).await? {
+                            ok += 1;
+                        }
+                    }
+                    Ok::<_, String>(ok)
+                })
+            })
+            .collect();
+        let mut ok = 0;
+        for task in tasks {
+            ok += task.await.map_err(|e| e.to_string())??;
+        }
+        counts.push(ok);
+    }
+    Ok(counts)
 }
 
 /// Lock hand-off latency: a waiter blocked in Acquire, woken by Release,

@@ -3,6 +3,7 @@
 //! sees prost types.
 
 pub mod cache;
+pub mod envoy;
 pub mod lock;
 pub mod rate_limit;
 pub mod session;

@@ -53,6 +53,37 @@ pub struct Limit<'a> {
     pub burst: u64,
 }
 
+/// One limit of a [`RateLimitStore::check_each`], with its own cost and role.
+#[derive(Clone, Debug)]
+pub struct Part<'a> {
+    /// The limit.
+    pub limit: Limit<'a>,
+    /// Units this request takes from it (0 takes nothing).
+    pub cost: u64,
+    /// Decided but never consumed.
+    pub peek: bool,
+    /// Its denial is reported but does not deny the request, and a limit
+    /// that denies is not consumed (Envoy's `shadow_mode`).
+    pub advisory: bool,
+}
+
+impl Part<'_> {
+    /// The script's flags for this part.
+    fn flags(&self) -> &'static str {
+        match (self.peek, self.advisory) {
+            (false, false) => "",
+            (true, false) => "p",
+            (false, true) => "a",
+            (true, true) => "pa",
+        }
+    }
+
+    /// Whether a check that went through consumed this part.
+    fn consumed(&self, decision: &Decision) -> bool {
+        decision.allowed && !self.peek
+    }
+}
+
 /// One limit's verdict.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Decision {
@@ -95,36 +126,59 @@ impl RateLimitStore {
     /// (one in all on a single server). Verdicts come back in the order of
     /// `limits`.
     pub async fn check(&self, limits: &[Limit<'_>], cost: u64, peek: bool) -> Result<Vec<Decision>> {
-        let keys: Vec<String> = limits.iter().map(|limit| self.state_key(limit)).collect();
+        let parts: Vec<Part<'_>> =
+            limits.iter().map(|limit| Part { limit: limit.clone(), cost, peek, advisory: false }).collect();
+        self.check_each(&parts).await
+    }
+
+    /// Decides every part against its own cost and, when every part that is
+    /// not advisory allows, consumes each part's cost from every part that
+    /// allows and is not peeked; otherwise consumes nothing. One atomic step
+    /// per hash slot (one in all on a single server); a slot that consumed
+    /// while another denied is refunded. Verdicts come back in the order of
+    /// `parts`.
+    pub async fn check_each(&self, parts: &[Part<'_>]) -> Result<Vec<Decision>> {
+        let keys: Vec<String> = parts.iter().map(|part| self.state_key(&part.limit)).collect();
         let groups = self.redis.slot_groups(keys.iter().map(String::as_str));
         let keys = &keys;
         let runs = groups.iter().map(|group| async move {
             let mut call = self.check.prepare_invoke();
-            call.arg(cost).arg(if peek { "1" } else { "0" });
             for &i in group {
-                let limit = &limits[i];
+                let part = &parts[i];
+                let limit = &part.limit;
                 call.key(&keys[i]);
                 call.arg(limit.algorithm.code()).arg(limit.limit).arg(limit.period_ms).arg(limit.burst);
+                call.arg(part.cost).arg(part.flags());
             }
             let reply: Vec<i64> = self.redis.invoke(&call).await?;
             parse_check(&reply, group.len())
         });
         let verdicts = futures::future::try_join_all(runs).await?;
-        let allowed = verdicts.iter().flatten().all(|(decision, _)| decision.allowed);
-        let mut decisions: Vec<Option<Decision>> = vec![None; limits.len()];
+        // A slot went through when every part of it that is not advisory allowed.
+        let through = |group: &[usize], verdict: &[(Decision, i64)]| {
+            group.iter().zip(verdict).all(|(&i, (decision, _))| decision.allowed || parts[i].advisory)
+        };
+        let allowed = groups.iter().zip(&verdicts).all(|(group, verdict)| through(group, verdict));
+        let mut decisions: Vec<Option<Decision>> = vec![None; parts.len()];
         let mut refunds = Vec::new();
         for (group, verdict) in groups.iter().zip(verdicts) {
-            // A slot whose limits all allowed consumed; give it back if
-            // another slot denied.
-            let consumed = !peek && verdict.iter().all(|(decision, _)| decision.allowed);
-            let refund = consumed && !allowed;
+            // A slot that went through consumed; give it back if another
+            // slot denied.
+            let refund = !allowed && through(group, &verdict);
             if refund {
-                let windows = verdict.iter().map(|(_, window)| *window).collect();
-                refunds.push(self.refund(group, keys, limits, cost, windows));
+                let taken: Vec<(usize, i64)> = group
+                    .iter()
+                    .zip(&verdict)
+                    .filter(|&(&i, (decision, _))| parts[i].consumed(decision))
+                    .map(|(&i, (_, window))| (i, *window))
+                    .collect();
+                if !taken.is_empty() {
+                    refunds.push(self.refund(taken, keys, parts));
+                }
             }
             for (&i, (mut decision, _)) in group.iter().zip(verdict) {
-                if refund {
-                    decision.remaining = decision.remaining.saturating_add(cost);
+                if refund && parts[i].consumed(&decision) {
+                    decision.remaining = decision.remaining.saturating_add(parts[i].cost);
                 }
                 decisions[i] = Some(decision);
             }
@@ -136,21 +190,14 @@ impl RateLimitStore {
             .collect()
     }
 
-    /// Gives back what a Check consumed from one slot's limits.
-    async fn refund(
-        &self,
-        group: &[usize],
-        keys: &[String],
-        limits: &[Limit<'_>],
-        cost: u64,
-        windows: Vec<i64>,
-    ) -> Result<()> {
+    /// Gives back what a check consumed from one slot's parts: `taken` holds
+    /// each consumed part's index and the window it counted in.
+    async fn refund(&self, taken: Vec<(usize, i64)>, keys: &[String], parts: &[Part<'_>]) -> Result<()> {
         let mut call = self.refund.prepare_invoke();
-        call.arg(cost);
-        for (&i, window) in group.iter().zip(windows) {
-            let limit = &limits[i];
+        for (i, window) in taken {
+            let limit = &parts[i].limit;
             call.key(&keys[i]);
-            call.arg(limit.algorithm.code()).arg(limit.limit).arg(limit.period_ms).arg(window);
+            call.arg(limit.algorithm.code()).arg(limit.limit).arg(limit.period_ms).arg(window).arg(parts[i].cost);
         }
         self.redis.invoke(&call).await
     }

@@ -1,10 +1,13 @@
--- Decides a Check against all of its limits and, when every limit allows it
--- and it is not a peek, consumes `cost` from each: all-or-nothing.
+-- Decides a check against all of its limits and, when every enforced limit
+-- allows it, consumes each limit's cost from every limit that allows it and
+-- is not peeked: all-or-nothing.
 -- KEYS: one state key per limit, in request order (P:rl:f:K, P:rl:s:K or
 --       P:rl:t:K by algorithm; src/keys.rs).
--- ARGV[1]: cost; ARGV[2]: '1' to peek (decide, write nothing), else '0';
---       then four per limit: algorithm ('f' fixed window, 's' sliding
---       window, 't' token bucket), limit, period ms, burst (bucket; else 0).
+-- ARGV: six per limit: algorithm ('f' fixed window, 's' sliding window,
+--       't' token bucket), limit, period ms, burst (bucket; else 0), cost,
+--       flags: '' or any of 'p' (peek: decide, never write) and 'a'
+--       (advisory: a denial is reported but does not deny the request, as
+--       Envoy's shadow_mode; it is not consumed either).
 -- Returns: five integers per limit, in request order: allowed (1/0),
 --       remaining, reset_after ms, retry_after ms, and the window the limit
 --       counted in (its index; 0 for a bucket), which a refund
@@ -13,8 +16,10 @@
 -- A script, not MULTI: each decision reads stored state and the clock, and
 -- whether anything is written depends on every decision, so reading,
 -- deciding and writing must be one atomic step. Two passes: first decide
--- every limit from the current state (reads only), then, only if all allow
--- and this is no peek, write every limit's new state.
+-- every limit from the current state (reads only), then, only if every
+-- enforced limit allows, write the new state of each limit that allows and
+-- is not peeked. RateLimitService.Check sends one cost for all and flags
+-- '' (or 'p' for a peek), so for it this is plain all-or-nothing.
 --
 -- Clock: Redis TIME, read once, in whole milliseconds; never the caller's.
 -- Arithmetic: integers only (ms, units); Lua's doubles hold them exactly
@@ -32,8 +37,6 @@
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local cost = tonumber(ARGV[1])
-local peek = ARGV[2] == '1'
 
 -- floor(a / b) for integers a >= 0, b > 0, corrected where the float
 -- division rounded up to the next integer.
@@ -64,7 +67,7 @@ end
 -- Each decider returns: ok, retry ms, remaining {as is, after taking cost},
 -- reset ms {as is, after taking cost}, the fields to write, the key's TTL ms.
 
-local function fixed(key, limit, period)
+local function fixed(key, limit, period, _, cost)
   local w = idiv(now, period)
   local s = redis.call('HMGET', key, 'w', 'n')
   local n = 0
@@ -86,7 +89,7 @@ local function fixed(key, limit, period)
     {'w', int(w), 'n', int(n + cost)}, left, w
 end
 
-local function sliding(key, limit, period)
+local function sliding(key, limit, period, _, cost)
   local w = idiv(now, period)
   local e = now - w * period
   local s = redis.call('HMGET', key, 'w', 'c', 'p')
@@ -137,7 +140,7 @@ local function sliding(key, limit, period)
     {'w', int(w), 'c', int(curr + cost), 'p', int(prev)}, 2 * period - e, w
 end
 
-local function bucket(key, limit, period, burst)
+local function bucket(key, limit, period, burst, cost)
   local s = redis.call('HMGET', key, 't', 'd')
   local t0, d0 = tonumber(s[1]), tonumber(s[2])
   local debt = 0
@@ -166,24 +169,24 @@ local deciders = {f = fixed, s = sliding, t = bucket}
 local decisions = {}
 local all = true
 for i, key in ipairs(KEYS) do
-  local base = 2 + (i - 1) * 4
+  local base = (i - 1) * 6
   local decide = deciders[ARGV[base + 1]]
   if not decide then
     return redis.error_reply('unknown algorithm ' .. tostring(ARGV[base + 1]))
   end
-  local ok, retry, remaining, reset, fields, ttl, window =
-    decide(key, tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]))
-  decisions[i] = {ok, retry, remaining, reset, fields, ttl, window}
-  all = all and ok
+  local flags = ARGV[base + 6]
+  local ok, retry, remaining, reset, fields, ttl, window = decide(key, tonumber(ARGV[base + 2]),
+    tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5]))
+  decisions[i] = {ok, retry, remaining, reset, fields, ttl, window, not string.find(flags, 'p', 1, true)}
+  all = all and (ok or string.find(flags, 'a', 1, true) ~= nil)
 end
 
--- Pass 2: consume from every limit, or from none.
-local consume = all and not peek
+-- Pass 2: consume from every limit that allows and is not peeked, or from none.
 local out = {}
 for i, key in ipairs(KEYS) do
   local d = decisions[i]
   local which = 1
-  if consume then
+  if all and d[1] and d[8] then
     which = 2
     redis.call('HSET', key, unpack(d[5]))
     redis.call('PEXPIRE', key, int(d[6]))

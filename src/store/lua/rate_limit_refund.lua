@@ -4,21 +4,20 @@
 -- than was taken, so a Check split across slots may briefly over-deny,
 -- never over-admit.
 -- KEYS: the state keys the Check consumed from.
--- ARGV[1]: cost; then four per limit: algorithm ('f', 's', 't'), limit,
---       period ms, the window the Check counted in (from its reply).
+-- ARGV: five per limit: algorithm ('f', 's', 't'), limit, period ms, the
+--       window the Check counted in (from its reply), the cost it took.
 -- Returns: nothing.
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local cost = tonumber(ARGV[1])
 
 local function int(x)
   return string.format('%.0f', x)
 end
 
 for i, key in ipairs(KEYS) do
-  local base = 2 + (i - 1) * 4
-  local algorithm, limit, period, w =
-    ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local base = 1 + (i - 1) * 5
+  local algorithm, limit, period, w, cost = ARGV[base], tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]),
+    tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
   if algorithm == 'f' then
     -- Only the window it was counted in; a later window never saw it.
     local s = redis.call('HMGET', key, 'w', 'n')
