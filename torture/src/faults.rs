@@ -106,7 +106,12 @@ impl System {
             }
             Fault::RedisOom => {
                 let mut admin = self.redis.admin().await?;
-                let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory-policy").arg("noeviction").query_async(&mut admin).await?;
+                let _: () = redis::cmd("CONFIG")
+                    .arg("SET")
+                    .arg("maxmemory-policy")
+                    .arg("noeviction")
+                    .query_async(&mut admin)
+                    .await?;
                 let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(1).query_async(&mut admin).await?;
                 tokio::time::sleep(pause).await;
                 let _: () = redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(0).query_async(&mut admin).await?;
@@ -270,11 +275,31 @@ fn report(
         let list = ops.iter().map(|((op, code), n)| format!("{op} {code} ×{n}")).collect::<Vec<_>>().join(", ");
         let _ = writeln!(out, "- {}: {list}", o.fault.name());
     }
+    let mut odd: std::collections::BTreeMap<(&str, &str, &str), usize> = Default::default();
+    for o in outcomes {
+        for e in o.before.iter().chain(&o.during).chain(&o.after) {
+            if !matches!(e.code.as_str(), "Unavailable" | "DeadlineExceeded") {
+                *odd.entry((e.op, e.code.as_str(), e.message.as_str())).or_default() += 1;
+            }
+        }
+    }
+    if !odd.is_empty() {
+        let _ = writeln!(out, "\nOther errors, by RPC and message:\n");
+        for ((op, code, message), n) in odd.iter().take(20) {
+            let _ = writeln!(out, "- {op} {code} ×{n}: `{message}`");
+        }
+    }
     let codes = recorder.codes();
     let total: u64 = codes.values().sum();
-    let _ = writeln!(out, "\nAll errors of the run by code: {}", if total == 0 { "none".into() } else {
-        codes.iter().map(|(c, n)| format!("{c} {n}")).collect::<Vec<_>>().join(", ")
-    });
+    let _ = writeln!(
+        out,
+        "\nAll errors of the run by code: {}",
+        if total == 0 {
+            "none".into()
+        } else {
+            codes.iter().map(|(c, n)| format!("{c} {n}")).collect::<Vec<_>>().join(", ")
+        }
+    );
     let _ = writeln!(
         out,
         "Calls answered later than their {} ms deadline + {} ms: {}",

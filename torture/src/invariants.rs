@@ -276,7 +276,12 @@ async fn invalidator(
         let call = c.cache.invalidate_tags(req(proto::InvalidateTagsRequest { tags: vec![group.clone()] }));
         if r.call("Cache.InvalidateTags(check)", call).await.is_ok() {
             let end = r.now();
-            f.lock().unwrap_or_else(PoisonError::into_inner).invalidations.entry(group.clone()).or_default().push((start, end));
+            f.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .invalidations
+                .entry(group.clone())
+                .or_default()
+                .push((start, end));
         }
     }
 }

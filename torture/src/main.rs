@@ -103,7 +103,9 @@ fn main() -> ExitCode {
             Scenario::Faults { callers, only } => {
                 let faults: Vec<_> = faults::Fault::ALL
                     .into_iter()
-                    .filter(|f| only.is_empty() || only.iter().any(|o| f.name().to_lowercase().contains(&o.to_lowercase())))
+                    .filter(|f| {
+                        only.is_empty() || only.iter().any(|o| f.name().to_lowercase().contains(&o.to_lowercase()))
+                    })
                     .collect();
                 faults::run(callers, &faults).await
             }

@@ -146,9 +146,7 @@ impl Recorder {
     /// The first slot start at or after `from` (seconds) with a success.
     pub fn first_ok_after(&self, from: f64) -> Option<f64> {
         let first = (from / SLOT.as_secs_f64()).ceil() as usize;
-        (first..self.ok.len())
-            .find(|&i| self.ok[i].load(Ordering::Relaxed) > 0)
-            .map(|i| i as f64 * SLOT.as_secs_f64())
+        (first..self.ok.len()).find(|&i| self.ok[i].load(Ordering::Relaxed) > 0).map(|i| i as f64 * SLOT.as_secs_f64())
     }
 
     /// The first instant at or after `from` from which a 500 ms stretch
@@ -193,14 +191,19 @@ impl Recorder {
 pub fn code_name(status: &Status) -> String {
     match status.code() {
         Code::Cancelled if status.message().contains("Timeout expired") => "client-deadline".into(),
+        // tonic's client reports a connection reset mid-call (a killed
+        // instance) so; the service never answered these.
+        Code::Unknown if status.message() == "transport error" => "client-transport".into(),
+        Code::Cancelled if status.message() == "operation was canceled" => "client-transport".into(),
         code => format!("{code:?}"),
     }
 }
 
 /// Whether an error code is one a fault may cause (UNAVAILABLE,
-/// DEADLINE_EXCEEDED, or the client cutting a call at its deadline).
+/// DEADLINE_EXCEEDED, the client cutting a call at its deadline, or the
+/// client losing the connection of a killed instance).
 pub fn fault_code(code: &str) -> bool {
-    matches!(code, "Unavailable" | "DeadlineExceeded" | "client-deadline")
+    matches!(code, "Unavailable" | "DeadlineExceeded" | "client-deadline" | "client-transport")
 }
 
 /// `errors by code` as `Unavailable 12, DeadlineExceeded 3`.
