@@ -35,6 +35,8 @@ pub struct ErrorEvent {
     /// The gRPC code; `client-deadline` when the client cut the call.
     pub code: String,
     pub message: String,
+    /// How long the call took, seconds.
+    pub took: f64,
 }
 
 /// The calls of one scenario.
@@ -121,6 +123,7 @@ impl Recorder {
                         op,
                         code,
                         message: status.message().chars().take(120).collect(),
+                        took: took.as_secs_f64(),
                     });
                 }
             }
