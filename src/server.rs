@@ -60,11 +60,12 @@ pub async fn run(
             redis.clone(),
             keys.clone(),
             config.session_max_per_user,
-            config.max_value_bytes,
+            config.session_max_data_bytes,
             config.max_ttl,
         ),
         limits.clone(),
         config.session_default_ttl.min(config.max_ttl),
+        config.session_max_data_bytes,
     );
     let locks = LockApi::new(LockStore::new(redis.clone(), keys.clone()), limits.clone(), config.lock_default_ttl);
     let cache = CacheApi::new(

@@ -23,12 +23,14 @@ pub struct SessionApi {
     limits: Limits,
     /// Idle timeout of a session created without one.
     default_ttl: Duration,
+    /// Largest session data, in bytes of JSON (`--session-max-data-bytes`).
+    max_data_bytes: usize,
 }
 
 impl SessionApi {
     /// Handlers over `store`.
-    pub fn new(store: SessionStore, limits: Limits, default_ttl: Duration) -> Self {
-        Self { store, limits, default_ttl }
+    pub fn new(store: SessionStore, limits: Limits, default_ttl: Duration, max_data_bytes: usize) -> Self {
+        Self { store, limits, default_ttl, max_data_bytes }
     }
 
     /// The JSON text of `data` (absent: `{}`), within the value limit.
@@ -43,11 +45,11 @@ impl SessionApi {
     }
 
     fn data_size(&self, len: usize) -> Result<(), Error> {
-        if len > self.limits.max_value_bytes { Err(self.too_large(len)) } else { Ok(()) }
+        if len > self.max_data_bytes { Err(self.too_large(len)) } else { Ok(()) }
     }
 
     fn too_large(&self, len: usize) -> Error {
-        Error::invalid("data", format!("must be at most {} bytes as JSON, is {len}", self.limits.max_value_bytes))
+        Error::invalid("data", format!("must be at most {} bytes as JSON, is {len}", self.max_data_bytes))
     }
 
     /// A token: 1 byte up to the value limit (only its hash is stored).

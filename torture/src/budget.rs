@@ -24,6 +24,8 @@ const KEY: usize = 512;
 const VALUE: usize = 1 << 20;
 const BATCH: usize = 1000;
 const MESSAGE: usize = 16 << 20;
+const SESSION_DATA: usize = 16 << 10;
+const SESSIONS_PER_USER: usize = 100;
 
 /// One measured case.
 struct Row {
@@ -95,7 +97,9 @@ impl Bench<'_> {
                 let value = response.into_inner();
                 (show(&value), Some(value))
             }
-            Ok(Err(status)) => (format!("{:?}: {}", status.code(), status.message().chars().take(80).collect::<String>()), None),
+            Ok(Err(status)) => {
+                (format!("{:?}: {}", status.code(), status.message().chars().take(80).collect::<String>()), None)
+            }
             Err(_) => ("no answer in 120 s".into(), None),
         };
         let (command, micros) = slowest(self.admin).await?;
@@ -158,11 +162,19 @@ async fn cache_cases(b: &mut Bench<'_>, c: &Clients) -> Fallible<()> {
     // As many 1 MiB values as one message carries.
     let fit = (MESSAGE - 64 * 1024) / (VALUE + KEY + 16);
     let items = (0..fit)
-        .map(|i| proto::SetItem { key: key("mb", i), value: vec![b'v'; VALUE], ttl: dur(Duration::from_secs(3600)), tags: vec![] })
+        .map(|i| proto::SetItem {
+            key: key("mb", i),
+            value: vec![b'v'; VALUE],
+            ttl: dur(Duration::from_secs(3600)),
+            tags: vec![],
+        })
         .collect();
-    b.measure("Cache.SetMany", format!("{fit} values of 1 MiB (one 16 MiB message)"), cache.set_many(proto::SetManyRequest { items }), |r| {
-        format!("stored {}", r.stored)
-    })
+    b.measure(
+        "Cache.SetMany",
+        format!("{fit} values of 1 MiB (one 16 MiB message)"),
+        cache.set_many(proto::SetManyRequest { items }),
+        |r| format!("stored {}", r.stored),
+    )
     .await?;
     let items = (0..BATCH)
         .map(|i| proto::SetItem {
@@ -177,9 +189,12 @@ async fn cache_cases(b: &mut Bench<'_>, c: &Clients) -> Fallible<()> {
     })
     .await?;
     let keys: Vec<String> = (0..BATCH).map(|i| if i < fit { key("mb", i) } else { key("none", i) }).collect();
-    b.measure("Cache.GetMany", format!("1,000 keys, {fit} of them 1 MiB values"), cache.get_many(proto::GetManyRequest { keys: keys.clone() }), |r| {
-        format!("{} entries", r.entries.len())
-    })
+    b.measure(
+        "Cache.GetMany",
+        format!("1,000 keys, {fit} of them 1 MiB values"),
+        cache.get_many(proto::GetManyRequest { keys: keys.clone() }),
+        |r| format!("{} entries", r.entries.len()),
+    )
     .await?;
     b.measure("Cache.Get", "a 1 MiB value", cache.get(proto::GetRequest { key: key("mb", 0) }), |r| {
         format!("found {}", r.found)
@@ -219,7 +234,12 @@ async fn cache_cases(b: &mut Bench<'_>, c: &Clients) -> Fallible<()> {
     )
     .await?;
     let items = (0..BATCH)
-        .map(|i| proto::SetItem { key: format!("d{i}"), value: b"v".to_vec(), ttl: dur(Duration::from_secs(3600)), tags: tags(BATCH, false) })
+        .map(|i| proto::SetItem {
+            key: format!("d{i}"),
+            value: b"v".to_vec(),
+            ttl: dur(Duration::from_secs(3600)),
+            tags: tags(BATCH, false),
+        })
         .collect();
     let _ = tokio::time::timeout(Duration::from_secs(120), cache.set_many(proto::SetManyRequest { items })).await;
     let keys = (0..BATCH).map(|i| format!("d{i}")).collect();
@@ -240,7 +260,8 @@ async fn cache_cases(b: &mut Bench<'_>, c: &Clients) -> Fallible<()> {
         ttl: dur(Duration::from_secs(3600)),
         tags: tags(BATCH, true),
     };
-    b.measure("Cache.Fill", "1 MiB value, 1,000 tags of 512 B", cache.fill(fill), |r| format!("stored {}", r.stored)).await?;
+    b.measure("Cache.Fill", "1 MiB value, 1,000 tags of 512 B", cache.fill(fill), |r| format!("stored {}", r.stored))
+        .await?;
     Ok(())
 }
 
@@ -267,44 +288,53 @@ pub fn costly_data(bytes: usize) -> Struct {
 
 async fn session_cases(b: &mut Bench<'_>, c: &Clients) -> Fallible<()> {
     let mut s = c.sessions.clone();
-    let data = costly_data(VALUE - 1024);
+    let data = costly_data(SESSION_DATA - 64);
     let create = proto::CreateSessionRequest { user_id: key("user", 0), data: Some(data.clone()), ttl: None };
-    let created = b
-        .measure("Session.CreateSession", "1 MiB of data", s.create_session(create), |_| "created".into())
-        .await?;
+    let created =
+        b.measure("Session.CreateSession", "16 KiB of data", s.create_session(create), |_| "created".into()).await?;
     let id = created.and_then(|c| c.session).map(|s| s.session_id).unwrap_or_default();
     let get = proto::GetSessionRequest { session_id: id.clone(), touch: true };
-    b.measure("Session.GetSession", "1 MiB of data, touch", s.get_session(get), |r| format!("found {}", r.found)).await?;
+    b.measure("Session.GetSession", "16 KiB of data, touch", s.get_session(get), |r| format!("found {}", r.found))
+        .await?;
     let mut one = Struct::default();
     one.fields.insert("m00000".into(), Value { kind: Some(Kind::BoolValue(true)) });
     one.fields.insert("new".into(), Value { kind: Some(Kind::BoolValue(true)) });
     let merge = proto::UpdateSessionRequest { session_id: id.clone(), data: Some(one), merge: true };
+    let members = data.fields.len();
     b.measure(
         "Session.UpdateSession",
-        "merge 2 fields into 1 MiB of 9,000 members nested 40 deep",
+        format!("merge 2 fields into 16 KiB of {members} members nested 40 deep"),
         s.update_session(merge),
         |r| format!("found {}", r.found),
     )
     .await?;
     let replace = proto::UpdateSessionRequest { session_id: id.clone(), data: Some(data.clone()), merge: false };
-    b.measure("Session.UpdateSession", "replace with 1 MiB", s.update_session(replace), |r| format!("found {}", r.found)).await?;
-    // One user with many sessions (no per-user cap by default).
+    b.measure("Session.UpdateSession", "replace with 16 KiB", s.update_session(replace), |r| {
+        format!("found {}", r.found)
+    })
+    .await?;
+    // One user at the per-user cap, each session with the largest data.
     let user = key("many", 0);
-    for _ in 0..999 {
-        let create = proto::CreateSessionRequest { user_id: user.clone(), data: None, ttl: None };
+    let mut big = Struct::default();
+    big.fields.insert("x".into(), Value { kind: Some(Kind::StringValue("a".repeat(SESSION_DATA - 8))) });
+    for _ in 0..SESSIONS_PER_USER {
+        let create = proto::CreateSessionRequest { user_id: user.clone(), data: Some(big.clone()), ttl: None };
         s.create_session(create).await?;
     }
-    let create = proto::CreateSessionRequest { user_id: user.clone(), data: None, ttl: None };
-    b.measure("Session.CreateSession", "the user's 1,000th session", s.create_session(create), |_| "created".into()).await?;
+    let create = proto::CreateSessionRequest { user_id: user.clone(), data: Some(big.clone()), ttl: None };
+    b.measure("Session.CreateSession", "past the cap of 100 (evicts the oldest)", s.create_session(create), |r| {
+        format!("evicted {}", r.evicted_session_ids.len())
+    })
+    .await?;
     b.measure(
         "Session.ListUserSessions",
-        "1,000 sessions",
+        "100 sessions of 16 KiB",
         s.list_user_sessions(proto::ListUserSessionsRequest { user_id: user.clone() }),
         |r| format!("{} sessions", r.sessions.len()),
     )
     .await?;
     let delete = proto::DeleteUserSessionsRequest { user_id: user, keep_session_id: None };
-    b.measure("Session.DeleteUserSessions", "1,000 sessions", s.delete_user_sessions(delete), |r| {
+    b.measure("Session.DeleteUserSessions", "100 sessions", s.delete_user_sessions(delete), |r| {
         format!("deleted {}", r.deleted)
     })
     .await?;
@@ -333,7 +363,10 @@ async fn rate_limit_cases(b: &mut Bench<'_>, c: &Clients) -> Fallible<()> {
             })
             .collect();
         let check = proto::CheckRequest { limits, cost: None, peek: false };
-        b.measure("RateLimit.Check", format!("1,000 limits, {name}"), rl.check(check), |r| format!("allowed {}", r.allowed)).await?;
+        b.measure("RateLimit.Check", format!("1,000 limits, {name}"), rl.check(check), |r| {
+            format!("allowed {}", r.allowed)
+        })
+        .await?;
     }
     let keys = (0..BATCH).map(|i| key("sliding window", i)).collect();
     b.measure("RateLimit.ResetLimits", "1,000 keys", rl.reset_limits(proto::ResetLimitsRequest { keys }), |r| {
@@ -358,7 +391,10 @@ async fn stats_cases(b: &mut Bench<'_>, c: &Clients) -> Fallible<()> {
         start: ts(now - 999 * 60),
         end: ts(now),
     };
-    b.measure("Stats.GetSeries", "1,000 minute buckets", st.get_series(series), |r| format!("{} buckets", r.buckets.len())).await?;
+    b.measure("Stats.GetSeries", "1,000 minute buckets", st.get_series(series), |r| {
+        format!("{} buckets", r.buckets.len())
+    })
+    .await?;
     let names = (0..BATCH).map(|i| key("ctr", i)).collect();
     b.measure("Stats.GetTotals", "1,000 names", st.get_totals(proto::GetTotalsRequest { names }), |r| {
         format!("{} totals", r.values.len())
@@ -406,7 +442,9 @@ async fn stats_cases(b: &mut Bench<'_>, c: &Clients) -> Fallible<()> {
 async fn lock_cases(b: &mut Bench<'_>, c: &Clients) -> Fallible<()> {
     let mut locks = c.locks.clone();
     let acquire = proto::AcquireRequest { name: key("lock", 0), ttl: None, wait: None, owner: key("owner", 0) };
-    let grant = b.measure("Lock.Acquire", "512 B name and owner", locks.acquire(acquire), |r| format!("acquired {}", r.acquired)).await?;
+    let grant = b
+        .measure("Lock.Acquire", "512 B name and owner", locks.acquire(acquire), |r| format!("acquired {}", r.acquired))
+        .await?;
     if let Some(grant) = grant {
         let release = proto::ReleaseRequest { name: key("lock", 0), lease_id: grant.lease_id };
         b.measure("Lock.Release", "512 B name", locks.release(release), |r| format!("released {}", r.released)).await?;
