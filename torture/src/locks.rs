@@ -126,9 +126,8 @@ pub async fn run(duration: Duration) -> Fallible<(String, bool)> {
         redis_url: system.redis.url(),
     });
     let channels = [system.a.channel.clone(), system.b.channel.clone()];
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|i| tokio::spawn(client(i, channels[i % 2].clone(), Arc::clone(&shared))))
-        .collect();
+    let clients: Vec<_> =
+        (0..CLIENTS).map(|i| tokio::spawn(client(i, channels[i % 2].clone(), Arc::clone(&shared)))).collect();
 
     // Faults in turn, one every few seconds, until the time is up.
     let started = Instant::now();
@@ -268,7 +267,8 @@ async fn acquire_round(
         Ok(_) => (End::LostReported, None),
         Err(_) => (End::ReleaseFailed, None),
     };
-    let grant = Grant { name, client: id, token: grant.fencing_token, hold: false, ttl: ACQUIRE_TTL, end, released_between };
+    let grant =
+        Grant { name, client: id, token: grant.fencing_token, hold: false, ttl: ACQUIRE_TTL, end, released_between };
     shared.log.lock().unwrap_or_else(PoisonError::into_inner).grants.push(grant);
 }
 
@@ -397,7 +397,12 @@ fn report(shared: &Shared, recorder: &Recorder, faults: &[(&str, f64, f64)], pan
             }
         }
     }
-    let _ = writeln!(out, "\n- writes made within a lease's validity: {}; refused by the register: {}", log.writes_valid, log.rejected_valid.len());
+    let _ = writeln!(
+        out,
+        "\n- writes made within a lease's validity: {}; refused by the register: {}",
+        log.writes_valid,
+        log.rejected_valid.len()
+    );
     for line in log.rejected_valid.iter().take(5) {
         let _ = writeln!(out, "  - {line}");
     }
