@@ -101,7 +101,7 @@ impl Calendar {
     /// The start of the bucket of granularity `g` that contains `ms`.
     pub fn bucket_start(&self, g: Granularity, ms: i64) -> Result<i64, RangeError> {
         match g {
-            Granularity::Minute => Ok(ms.div_euclid(MINUTE_MS) * MINUTE_MS),
+            Granularity::Minute => ms.div_euclid(MINUTE_MS).checked_mul(MINUTE_MS).ok_or(RangeError::OutOfRange),
             Granularity::Hour => {
                 let offset = self.offset_ms(ms)?;
                 Ok((ms + offset).div_euclid(HOUR_MS) * HOUR_MS - offset)
@@ -293,11 +293,14 @@ mod tests {
     }
 
     #[test]
-    fn the_last_minute_of_the_i64_range_has_no_next() {
+    fn minutes_at_the_ends_of_the_i64_range_are_out_of_range() {
+        // Found by the calendar fuzz target (overflow).
         let utc = calendar("UTC");
         let start = utc.bucket_start(Granularity::Minute, i64::MAX).unwrap();
         assert_eq!(utc.next_start(Granularity::Minute, start), Err(RangeError::OutOfRange));
         assert_eq!(utc.buckets(Granularity::Minute, start, i64::MAX, 10), Err(RangeError::OutOfRange));
+        // The first minute would start before i64::MIN.
+        assert_eq!(utc.bucket_start(Granularity::Minute, i64::MIN), Err(RangeError::OutOfRange));
     }
 
     #[test]
