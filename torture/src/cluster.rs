@@ -181,14 +181,6 @@ impl ServiceProc {
         self.spawn().await
     }
 
-    /// SIGTERM, then wait for the exit (the graceful shutdown path).
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id(), libc::SIGTERM);
-            let _ = child.wait();
-        }
-    }
-
     /// Lines of its log that report a panic.
     pub fn panics(&self) -> usize {
         std::fs::read_to_string(&self.log).unwrap_or_default().lines().filter(|l| l.contains("panicked")).count()

@@ -59,7 +59,8 @@ impl Fault {
 
 /// The running system.
 pub struct System {
-    pub dir: tempfile::TempDir,
+    /// Holds the instances' logs for as long as the system runs.
+    _dir: tempfile::TempDir,
     pub redis: RedisProc,
     pub a: ServiceProc,
     pub b: ServiceProc,
@@ -71,7 +72,7 @@ impl System {
         let redis = RedisProc::start(&[]).await?;
         let a = ServiceProc::start("a", dir.path(), &redis.url(), "torture", extra).await?;
         let b = ServiceProc::start("b", dir.path(), &redis.url(), "torture", extra).await?;
-        Ok(Self { dir, redis, a, b })
+        Ok(Self { _dir: dir, redis, a, b })
     }
 
     /// Two connections to each instance, alternating A, B.
