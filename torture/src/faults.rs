@@ -14,6 +14,9 @@ use crate::{
     record::{self, Recorder},
 };
 
+/// How far past `max_wait` a Fetch answer fails the run (outside faults).
+const FETCH_FAIL: Duration = Duration::from_millis(500);
+
 /// The faults, in the order they are applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fault {
@@ -221,7 +224,11 @@ pub async fn run(callers: usize, faults: &[Fault]) -> Fallible<(String, bool)> {
     let first_internal = system.a.error_lines().into_iter().chain(system.b.error_lines()).next();
     let late = late_fetches(&outcomes, &verdict);
     let report = report(&recorder, &outcomes, &verdict, before, after, panics, internal_logs, first_internal);
-    let report = format!("{report}- Fetch answers past their bound: {}\n", late.len());
+    let report = format!(
+        "{report}- Fetch answers past their bound (max_wait + {} ms; + 1 s more during a Redis fault and its recovery): {}\n",
+        FETCH_FAIL.as_millis(),
+        late.len()
+    );
     let codes = recorder.codes();
     let passed = codes.keys().all(|code| record::fault_code(code))
         && verdict.over_admitted.is_empty()
@@ -335,9 +342,12 @@ fn report(
         verdict.late_fetches.len(),
         verdict.worst_fetch_overshoot_ms
     );
-    for (at, over) in verdict.late_fetches.iter().take(5) {
-        let _ = writeln!(out, "  - at {at:.2} s: {over:.0} ms past max_wait");
+    let (mut inside, mut outside) = (0, 0);
+    for (at, _) in &verdict.late_fetches {
+        let during = outcomes.iter().any(|o| *at >= o.began && *at <= o.ended + o.full_rate.unwrap_or(10.0).max(1.0));
+        if during { inside += 1 } else { outside += 1 }
     }
+    let _ = writeln!(out, "  - of these, {inside} during a fault or its recovery and {outside} outside");
     let _ = writeln!(
         out,
         "- InvalidateTags: {} tagged reads checked; entries read after an invalidation that followed their write: {}",
@@ -368,20 +378,23 @@ fn report(
     out
 }
 
-/// Fetch answers later than they may be: `max_wait` + slack, or, while
-/// Redis is stalled or gone (and 1 s after), one Redis timeout more, since
-/// the first read of a Fetch is bounded by the Redis timeout alone.
+/// Fetch answers later than they may be: `max_wait` + [`FETCH_FAIL`]; while
+/// Redis is stalled or gone, and until throughput is back, one Redis
+/// timeout more, since the first read of a Fetch is bounded by the Redis
+/// timeout alone. (Answers past `max_wait` + [`FETCH_SLACK`] are listed
+/// in the report either way: scheduling on a loaded 2-core machine.)
 fn late_fetches(outcomes: &[Outcome], verdict: &Verdict) -> Vec<(f64, f64)> {
-    let slack = FETCH_SLACK.as_secs_f64() * 1000.0;
+    let bound = FETCH_FAIL.as_secs_f64() * 1000.0;
     verdict
         .late_fetches
         .iter()
         .copied()
         .filter(|(at, over)| {
             let redis_fault = outcomes.iter().any(|o| {
-                !matches!(o.fault, Fault::ServiceKill | Fault::ServicePause) && *at >= o.began && *at <= o.ended + 1.0
+                let recovered = o.ended + o.full_rate.unwrap_or(10.0).max(1.0);
+                !matches!(o.fault, Fault::ServiceKill | Fault::ServicePause) && *at >= o.began && *at <= recovered
             });
-            *over > if redis_fault { slack + 1000.0 } else { slack }
+            *over > if redis_fault { bound + 1000.0 } else { bound }
         })
         .collect()
 }
