@@ -225,7 +225,7 @@ pub async fn run(callers: usize, faults: &[Fault]) -> Fallible<(String, bool)> {
     let late = late_fetches(&outcomes, &verdict);
     let report = report(&recorder, &outcomes, &verdict, before, after, panics, internal_logs, first_internal);
     let report = format!(
-        "{report}- Fetch answers past their bound (max_wait + {} ms; + 1 s more during a Redis fault and its recovery): {}\n",
+        "{report}- Fetch answers past their bound (max_wait + {} ms; + 2 s during a Redis fault and its recovery, + 3 s during the instance pause): {}\n",
         FETCH_FAIL.as_millis(),
         late.len()
     );
@@ -336,7 +336,7 @@ fn report(
     }
     let _ = writeln!(
         out,
-        "- Fetch: {} answered; later than max_wait 300 ms + {} ms: {} (worst overshoot {:.0} ms; during a Redis fault one Redis timeout more is allowed)",
+        "- Fetch: {} answered; later than max_wait 300 ms + {} ms: {} (worst overshoot {:.0} ms)",
         verdict.fetches,
         FETCH_SLACK.as_millis(),
         verdict.late_fetches.len(),
@@ -379,10 +379,12 @@ fn report(
 }
 
 /// Fetch answers later than they may be: `max_wait` + [`FETCH_FAIL`]; while
-/// Redis is stalled or gone, and until throughput is back, one Redis
-/// timeout more, since the first read of a Fetch is bounded by the Redis
-/// timeout alone. (Answers past `max_wait` + [`FETCH_SLACK`] are listed
-/// in the report either way: scheduling on a loaded 2-core machine.)
+/// an instance is paused, the pause more; while Redis is stalled or gone,
+/// and until throughput is back, two Redis timeouts more: the first read of a Fetch is bounded by the Redis timeout
+/// alone, twice over today (the connection checkout and the script are
+/// bounded separately, `Redis::connection` + `invoke_on`; the connection
+/// layer of issue #11 replaces them). (Answers past `max_wait` +
+/// [`FETCH_SLACK`] are listed in the report either way.)
 fn late_fetches(outcomes: &[Outcome], verdict: &Verdict) -> Vec<(f64, f64)> {
     let bound = FETCH_FAIL.as_secs_f64() * 1000.0;
     verdict
@@ -390,11 +392,18 @@ fn late_fetches(outcomes: &[Outcome], verdict: &Verdict) -> Vec<(f64, f64)> {
         .iter()
         .copied()
         .filter(|(at, over)| {
-            let redis_fault = outcomes.iter().any(|o| {
-                let recovered = o.ended + o.full_rate.unwrap_or(10.0).max(1.0);
-                !matches!(o.fault, Fault::ServiceKill | Fault::ServicePause) && *at >= o.began && *at <= recovered
-            });
-            *over > if redis_fault { bound + 1000.0 } else { bound }
+            let extra = outcomes
+                .iter()
+                .filter(|o| *at >= o.began && *at <= o.ended + o.full_rate.unwrap_or(10.0).max(1.0))
+                .map(|o| match o.fault {
+                    // A killed instance answers nothing late.
+                    Fault::ServiceKill => 0.0,
+                    // A frozen instance answers when it thaws: the pause.
+                    Fault::ServicePause => 3000.0,
+                    _ => 2000.0,
+                })
+                .fold(0.0, f64::max);
+            *over > bound + extra
         })
         .collect()
 }
