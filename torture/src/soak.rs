@@ -95,7 +95,15 @@ pub async fn run(duration: Duration, callers: usize) -> Fallible<(String, bool)>
     let rss_growth = [growth(&|s| s.rss_kb[0] as f64), growth(&|s| s.rss_kb[1] as f64)];
     let keys_growth = growth(&|s| s.keys as f64);
     let memory_growth = growth(&|s| s.memory as f64);
-    let p99_ratio = growth(&|s| s.p99) + 1.0;
+    // p99 of one window swings with whatever else the machine runs: the
+    // median window of each third, and only with three windows or more.
+    let median = |s: &[Sample]| {
+        let mut p: Vec<f64> = s.iter().map(|s| s.p99).collect();
+        p.sort_by(f64::total_cmp);
+        p[p.len() / 2]
+    };
+    let judged = third >= 3;
+    let p99_ratio = if median(early) > 0.0 { median(late) / median(early) } else { 0.0 };
     let errors = last.errors;
 
     let mut out = String::new();
@@ -132,18 +140,23 @@ pub async fn run(duration: Duration, callers: usize) -> Fallible<(String, bool)>
     let _ = writeln!(out, "- RSS: A {}, B {} (bound +5%)", pct(rss_growth[0]), pct(rss_growth[1]));
     let _ = writeln!(
         out,
-        "- Redis keys {} (bound +10%; first sample {}, last {}), Redis memory {} (bound +10%)",
+        "- Redis keys {} (bound {}; first sample {}, last {}), Redis memory {} (bound +10%)",
         pct(keys_growth),
+        if judged { "+10%" } else { "+25% with fewer than 9 samples" },
         first.keys,
         last.keys,
         pct(memory_growth)
     );
-    let _ = writeln!(out, "- p99: ×{p99_ratio:.2} (bound ×2)");
+    let _ = writeln!(
+        out,
+        "- p99 (median window of each third): ×{p99_ratio:.2} ({})",
+        if judged { "bound ×2" } else { "not judged: fewer than 9 samples" }
+    );
     let passed = errors == 0
         && panics == 0
         && rss_growth.iter().all(|g| *g < 0.05)
-        && keys_growth < 0.10
+        && keys_growth < if judged { 0.10 } else { 0.25 }
         && memory_growth < 0.10
-        && p99_ratio < 2.0;
+        && (!judged || p99_ratio < 2.0);
     Ok((out, passed))
 }
