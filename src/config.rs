@@ -23,19 +23,42 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
 
-    /// Redis URL: redis://[:password@]host:port[/db], or rediss:// for TLS.
+    /// Redis URL, naming the topology: redis://[[user]:password@]host:port[/db]
+    /// (one server); redis+cluster://[[user]:password@]host:port,host:port
+    /// (Redis Cluster, seed nodes); redis+sentinel://[[user]:password@]host:port,host:port/master[/db]
+    /// (the master the sentinels name; ?sentinel_password= for the
+    /// sentinels' own). rediss, rediss+cluster, rediss+sentinel for TLS.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379", hide_env_values = true)]
     pub redis_url: String,
 
-    /// Most Redis connections held open at once (each is multiplexed).
-    #[arg(long, env = "CACHECOORD_REDIS_POOL_SIZE", default_value_t = 8)]
-    pub redis_pool_size: usize,
+    /// PEM file of the CA that signed Redis's TLS certificates (default: the
+    /// system's web roots).
+    #[arg(long, env = "CACHECOORD_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<std::path::PathBuf>,
+
+    /// PEM file of a client certificate to present to Redis over TLS.
+    #[arg(long, env = "CACHECOORD_REDIS_TLS_CERT")]
+    pub redis_tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM file of the key of --redis-tls-cert.
+    #[arg(long, env = "CACHECOORD_REDIS_TLS_KEY")]
+    pub redis_tls_key: Option<std::path::PathBuf>,
+
+    /// Redis connections that all calls share, round robin (each is
+    /// multiplexed: concurrent calls on one are pipelined).
+    #[arg(long, env = "CACHECOORD_REDIS_CONNECTIONS", default_value_t = 4)]
+    pub redis_connections: usize,
+
+    /// Most Redis commands in flight at once, over all connections; past it,
+    /// calls wait (within --redis-timeout) instead of queueing without bound.
+    #[arg(long, env = "CACHECOORD_REDIS_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub redis_max_in_flight: usize,
 
     /// Longest wait to open a Redis connection.
     #[arg(long, env = "CACHECOORD_REDIS_CONNECT_TIMEOUT", default_value = "2s", value_parser = duration)]
     pub redis_connect_timeout: Duration,
 
-    /// Longest wait for one Redis operation (checkout plus command); past it
+    /// Longest wait for one Redis operation (connecting included); past it
     /// the RPC fails with UNAVAILABLE.
     #[arg(long, env = "CACHECOORD_REDIS_TIMEOUT", default_value = "1s", value_parser = duration)]
     pub redis_timeout: Duration,
@@ -143,12 +166,17 @@ impl Config {
                 bad.push(what.to_string());
             }
         };
+        let topology = crate::store::Topology::parse(&self.redis_url);
+        check(topology.is_ok(), &format!("--redis-url {}", topology.err().unwrap_or_default()));
         check(
-            deadpool_redis::redis::parse_redis_url(&self.redis_url).is_some()
-                && deadpool_redis::redis::Client::open(self.redis_url.as_str()).is_ok(),
-            "--redis-url must be a redis:// or rediss:// URL",
+            self.redis_tls_cert.is_some() == self.redis_tls_key.is_some(),
+            "--redis-tls-cert and --redis-tls-key go together",
         );
-        check(self.redis_pool_size > 0, "--redis-pool-size must be at least 1");
+        check(self.redis_connections > 0, "--redis-connections must be at least 1");
+        check(
+            self.redis_max_in_flight >= self.redis_connections,
+            "--redis-max-in-flight must be at least --redis-connections",
+        );
         check(!self.redis_connect_timeout.is_zero(), "--redis-connect-timeout must be positive");
         check(!self.redis_timeout.is_zero(), "--redis-timeout must be positive");
         check(
@@ -229,9 +257,9 @@ mod tests {
 
     #[test]
     fn every_bad_value_is_named_at_once() {
-        let config = parse(&["--redis-pool-size", "0", "--key-prefix", "a{b", "--max-batch", "0"]).expect("parses");
+        let config = parse(&["--redis-connections", "0", "--key-prefix", "a{b", "--max-batch", "0"]).expect("parses");
         let err = config.validate().expect_err("invalid");
-        assert!(err.contains("--redis-pool-size"), "{err}");
+        assert!(err.contains("--redis-connections"), "{err}");
         assert!(err.contains("--key-prefix"), "{err}");
         assert!(err.contains("--max-batch"), "{err}");
     }

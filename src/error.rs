@@ -47,10 +47,14 @@ const REFUSING: [&str; 4] = ["OOM", "BUSY", "MISCONF", "NOREPLICAS"];
 impl From<RedisError> for Error {
     fn from(err: RedisError) -> Self {
         use deadpool_redis::redis::RetryMethod;
+        // A refused login (HELLO answers WRONGPASS/NOAUTH under RESP3) leaves
+        // Redis unusable until an operator fixes the credentials: unavailable.
+        let refused_login = matches!(err.code(), Some("WRONGPASS" | "NOAUTH"));
         let transient = err.is_io_error()
             || err.is_timeout()
             || err.is_connection_dropped()
             || err.is_connection_refusal()
+            || refused_login
             || !matches!(err.retry_method(), RetryMethod::NoRetry)
             || err.code().is_some_and(|code| REFUSING.contains(&code));
         if transient { Self::Unavailable(err.to_string()) } else { Self::Internal(err.to_string()) }

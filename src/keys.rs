@@ -5,6 +5,17 @@
 //! append the documented suffixes (`:lease`, `:tags`) to names built here.
 //! ARCHITECTURE.md shows the same layout as a table.
 
+/// Characters of a user's tag at the start of each of its session ids.
+pub const USER_TAG_LEN: usize = 8;
+
+/// A user's tag: the first 32 bits of the SHA-256 of the user id, as hex.
+/// The hash tag of the user's session index and of every session of the
+/// user, so one script may touch them together on Redis Cluster.
+pub fn user_tag(user_id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(user_id.as_bytes()).iter().take(USER_TAG_LEN / 2).map(|b| format!("{b:02x}")).collect()
+}
+
 /// Builds key names under the configured prefix.
 #[derive(Clone, Debug)]
 pub struct Keys {
@@ -97,15 +108,20 @@ impl Keys {
 
     /// A session (hash: `id`, `user`, `data` as a JSON object, `created` Unix
     /// ms, `idle` timeout ms, `index` = its user's index key); expires when
-    /// its idle timeout runs out.
+    /// its idle timeout runs out. A session id starts with its user's tag
+    /// ([`user_tag`], [`USER_TAG_LEN`] characters), which is the key's hash
+    /// tag: a session and its user's index share a slot.
     pub fn session(&self, session_id: &str) -> String {
-        format!("{}:s:{{{session_id}}}", self.prefix)
+        let split = session_id.char_indices().nth(USER_TAG_LEN).map_or(session_id.len(), |(i, _)| i);
+        let (tag, rest) = session_id.split_at(split);
+        format!("{}:s:{{{tag}}}{rest}", self.prefix)
     }
 
     /// A user's session index (sorted set: session key → creation time in
-    /// µs); expires with the user's longest-lived session.
+    /// µs); expires with the user's longest-lived session. Tagged like the
+    /// user's sessions.
     pub fn user_sessions(&self, user_id: &str) -> String {
-        format!("{}:u:{{{user_id}}}", self.prefix)
+        format!("{}:u:{{{}}}{user_id}", self.prefix, user_tag(user_id))
     }
 
     /// A token revocation (string `1`), named by the hex SHA-256 of the
@@ -160,10 +176,14 @@ mod tests {
     }
 
     #[test]
-    fn session_keys_are_tagged_by_their_id() {
+    fn a_session_and_its_user_index_share_the_user_tag() {
         let keys = Keys::new("cc");
+        let tag = super::user_tag("u1");
+        assert_eq!(tag.len(), super::USER_TAG_LEN);
+        assert_eq!(keys.user_sessions("u1"), format!("cc:u:{{{tag}}}u1"));
+        assert_eq!(keys.session(&format!("{tag}Zm9vYmFy")), format!("cc:s:{{{tag}}}Zm9vYmFy"));
+        // Ids too short to carry a tag still name one key (that never exists).
         assert_eq!(keys.session("abc"), "cc:s:{abc}");
-        assert_eq!(keys.user_sessions("u1"), "cc:u:{u1}");
         assert_eq!(keys.revoked_token("00ff"), "cc:rt:{00ff}");
     }
 

@@ -4,7 +4,15 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use cachecoord::proto::{FetchOutcome, FetchRequest, GetRequest, SetRequest};
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
+
+use cachecoord::proto::{
+    AcquireRequest, Algorithm, CheckRequest, Delta, FetchOutcome, FetchRequest, GetRequest, IncrementRequest, Limit,
+    ReleaseRequest, SetRequest,
+};
 use common::{RedisServer, TestServer, ms};
 use deadpool_redis::redis;
 use tonic::Code;
@@ -186,4 +194,134 @@ async fn a_redis_out_of_memory_is_unavailable_and_writes_nothing() {
         "the refused delta left no trace"
     );
     cache.set(set("k")).await.unwrap();
+}
+
+/// One call of every kind a killed connection could meet: a cache read, a
+/// rate-limit check, a counter increment, and a lock taken and given back.
+async fn mixed_call(server: &TestServer, task: usize) -> Result<(), tonic::Status> {
+    let (mut cache, mut limits, mut stats, mut locks) =
+        (server.cache(), server.rate_limit(), server.stats(), server.locks());
+    cache.get(get("k")).await?;
+    let limit = Limit {
+        key: format!("rl{task}"),
+        limit: 1_000_000,
+        period: ms(60_000),
+        algorithm: Algorithm::TokenBucket.into(),
+        burst: None,
+    };
+    limits.check(CheckRequest { limits: vec![limit], cost: None, peek: false }).await?;
+    stats.increment(IncrementRequest { deltas: vec![Delta { name: "calls".into(), amount: None }] }).await?;
+    let name = format!("lock{task}");
+    let grant = locks
+        .acquire(AcquireRequest { name: name.clone(), ttl: ms(10_000), wait: None, owner: String::new() })
+        .await?
+        .into_inner();
+    assert!(grant.acquired, "each task has a lock of its own");
+    locks.release(ReleaseRequest { name, lease_id: grant.lease_id }).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn killed_connections_cost_only_the_calls_in_flight_and_health_holds() {
+    const TASKS: usize = 8;
+    let redis = RedisServer::start().await;
+    let server = Arc::new(TestServer::start(&redis).await);
+    server.cache().set(set("k")).await.unwrap();
+    let mut updates = server.health().watch(HealthCheckRequest { service: String::new() }).await.unwrap().into_inner();
+    assert_eq!(updates.message().await.unwrap().unwrap().status(), ServingStatus::Serving);
+    let health_flipped = Arc::new(AtomicBool::new(false));
+    let flipped = Arc::clone(&health_flipped);
+    let watcher = tokio::spawn(async move {
+        while let Ok(Some(update)) = updates.message().await {
+            if update.status() != ServingStatus::Serving {
+                flipped.store(true, Ordering::SeqCst);
+            }
+        }
+    });
+
+    // Every task runs mixed calls back to back, so each has one call (one
+    // RPC of it) in flight when the connections are killed.
+    let (done, errors, killed) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicBool::new(false)));
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let (server, done, errors, killed) =
+                (Arc::clone(&server), Arc::clone(&done), Arc::clone(&errors), Arc::clone(&killed));
+            tokio::spawn(async move {
+                let mut after_kill = 0;
+                while after_kill < 20 {
+                    match mixed_call(&server, task).await {
+                        Ok(()) => {}
+                        Err(status) => {
+                            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                            errors.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                    if killed.load(Ordering::SeqCst) {
+                        after_kill += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    while done.load(Ordering::SeqCst) < 50 {
+        tokio::task::yield_now().await;
+    }
+
+    let mut admin = redis.client().await;
+    let victims: u64 =
+        redis::cmd("CLIENT").arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"]).query_async(&mut admin).await.unwrap();
+    killed.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    watcher.abort();
+
+    assert!(victims >= 4, "the service's shared connections were killed ({victims})");
+    let errors = errors.load(Ordering::SeqCst);
+    assert!(errors <= TASKS as u64, "{errors} failed calls; at most the {TASKS} in flight may fail");
+    assert!(!health_flipped.load(Ordering::SeqCst), "health flipped while Redis answered");
+}
+
+#[tokio::test]
+async fn the_first_call_after_redis_is_back_succeeds_on_every_service() {
+    let mut redis = RedisServer::start().await;
+    let server = TestServer::start_with(&redis, &["--redis-timeout", "300ms"]).await;
+    mixed_call(&server, 0).await.unwrap();
+    redis.restart().await;
+    // No retry: the dead connections were noticed when Redis went away, so
+    // the next call of each kind opens a fresh one.
+    mixed_call(&server, 0).await.expect("no call fails once Redis answers again");
+}
+
+#[tokio::test]
+async fn commands_in_flight_are_bounded_and_the_rest_wait_then_give_up() {
+    let redis = RedisServer::start().await;
+    let flags = ["--redis-timeout", "300ms", "--redis-connections", "1", "--redis-max-in-flight", "2"];
+    let server = TestServer::start_with(&redis, &flags).await;
+    server.cache().set(set("k")).await.unwrap();
+    server.cache().get(get("k")).await.unwrap(); // loads the script
+    let before = redis.calls("evalsha").await;
+
+    // Far longer than the timeout, so even a call that reaches the service
+    // late gives up long before the stall ends and frees a place.
+    let stall = redis.stall(3.0).await;
+    let calls: Vec<_> = (0..10)
+        .map(|_| {
+            let mut cache = server.cache();
+            tokio::spawn(async move { cache.get(get("k")).await })
+        })
+        .collect();
+    for call in calls {
+        let status = call.await.unwrap().expect_err("redis is stalled");
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    stall.await.unwrap();
+
+    // Only the two calls that held a slot reached Redis; the other eight
+    // gave up while waiting and were never sent.
+    let sent = redis.calls("evalsha").await - before;
+    assert_eq!(sent, 2, "commands sent during the stall");
+    assert!(server.cache().get(get("k")).await.unwrap().into_inner().found);
 }

@@ -99,11 +99,11 @@ fn now_ms() -> i64 {
 // ---- what Redis holds ---------------------------------------------------------
 
 fn session_key(server: &TestServer, id: &str) -> String {
-    format!("{}:s:{{{id}}}", server.prefix)
+    cachecoord::keys::Keys::new(&server.prefix).session(id)
 }
 
 fn index_key(server: &TestServer, user: &str) -> String {
-    format!("{}:u:{{{user}}}", server.prefix)
+    cachecoord::keys::Keys::new(&server.prefix).user_sessions(user)
 }
 
 /// Every key the service wrote under its prefix.
@@ -157,7 +157,8 @@ async fn create_then_get_round_trips_data_and_times() {
     let before = now_ms();
     let created = create_ok(&mut client, "user-1", Some(rich_data()), Some(60_000)).await;
     let after = now_ms();
-    assert_eq!(created.session_id.len(), 22, "{}", created.session_id);
+    // The user's 8-character tag, then 16 random bytes as 22 base64 characters.
+    assert_eq!(created.session_id.len(), 30, "{}", created.session_id);
     assert!(created.session_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
     assert_eq!(created.user_id, "user-1");
     assert_eq!(created.data, Some(rich_data()));

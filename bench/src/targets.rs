@@ -1,8 +1,14 @@
-//! What the benchmark calls: each service RPC, and its two floors.
+//! What the benchmark calls: each service RPC, its floors, and the
+//! service's own store layer.
 //!
-//! The Redis floor runs the service's own store layer inside the benchmark
-//! process: the same scripts with the same arguments over the same kind of
-//! multiplexed connections, minus gRPC and the service process.
+//! - The Redis floor is what a user would do instead of calling us: a plain
+//!   redis-rs client over a few shared multiplexed connections (no pool),
+//!   sending the plainest equivalent commands (`GET`, `MGET`, `INCR` +
+//!   `PEXPIRE`, `SET NX PX` + `DEL`, ...).
+//! - The store rows run the service's own store layer inside the benchmark
+//!   process (the same scripts over the same connection layer, minus gRPC and
+//!   the service process), so the cost of the gRPC hop and of the store layer
+//!   can be told apart.
 
 use std::{sync::Arc, time::Instant};
 
@@ -26,11 +32,14 @@ use cachecoord::{
 };
 use clap::Parser as _;
 use hdrhistogram::Histogram;
+use redis::aio::MultiplexedConnection;
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
 /// Keys the benchmark preloads.
 const HOT_KEY: &str = "hot";
+/// The hot entry's Redis key, for plain clients.
+const HOT: &str = "bench:c:{hot}";
 const MANY: usize = 100;
 /// A token bucket that never runs dry: the benchmark measures the check, not denials.
 const LIMIT: u64 = 1 << 40;
@@ -42,18 +51,27 @@ pub enum Target {
     /// grpc.health.v1 Check: the gRPC floor, no Redis work.
     Echo,
     CacheGet,
-    DirectGet,
+    RedisGet,
+    RedisEvalGet,
+    RedisGetPttl,
+    StoreGet,
     CacheSet,
-    DirectSet,
+    RedisSet,
+    StoreSet,
     CacheGetMany,
-    DirectGetMany,
+    RedisMget,
+    StoreGetMany,
     RateLimitCheck,
-    DirectRateLimitCheck,
+    RedisIncrExpire,
+    StoreRateLimitCheck,
     LockAcquireRelease,
+    RedisSetNxDel,
     StatsIncrement,
-    DirectStatsIncrement,
+    RedisIncrBuckets,
+    StoreStatsIncrement,
     SessionGet,
-    DirectSessionGet,
+    RedisHgetall,
+    StoreSessionGet,
 }
 
 impl Target {
@@ -61,36 +79,54 @@ impl Target {
     pub const ALL: &'static [Target] = &[
         Target::Echo,
         Target::CacheGet,
-        Target::DirectGet,
+        Target::RedisGet,
+        Target::RedisEvalGet,
+        Target::RedisGetPttl,
+        Target::StoreGet,
         Target::CacheSet,
-        Target::DirectSet,
+        Target::RedisSet,
+        Target::StoreSet,
         Target::CacheGetMany,
-        Target::DirectGetMany,
+        Target::RedisMget,
+        Target::StoreGetMany,
         Target::RateLimitCheck,
-        Target::DirectRateLimitCheck,
+        Target::RedisIncrExpire,
+        Target::StoreRateLimitCheck,
         Target::LockAcquireRelease,
+        Target::RedisSetNxDel,
         Target::StatsIncrement,
-        Target::DirectStatsIncrement,
+        Target::RedisIncrBuckets,
+        Target::StoreStatsIncrement,
         Target::SessionGet,
-        Target::DirectSessionGet,
+        Target::RedisHgetall,
+        Target::StoreSessionGet,
     ];
 
     pub fn name(self) -> &'static str {
         match self {
             Target::Echo => "echo (Health/Check)",
             Target::CacheGet => "Cache.Get (100 B hit)",
-            Target::DirectGet => "direct cache get",
+            Target::RedisGet => "redis GET",
+            Target::RedisEvalGet => "redis EVALSHA get.lua",
+            Target::RedisGetPttl => "redis GET+PTTL pipelined",
+            Target::StoreGet => "store cache get",
             Target::CacheSet => "Cache.Set (100 B)",
-            Target::DirectSet => "direct cache set",
+            Target::RedisSet => "redis SET PX",
+            Target::StoreSet => "store cache set",
             Target::CacheGetMany => "Cache.GetMany (100 keys)",
-            Target::DirectGetMany => "direct cache get (100 keys)",
+            Target::RedisMget => "redis MGET (100 keys)",
+            Target::StoreGetMany => "store cache get (100 keys)",
             Target::RateLimitCheck => "RateLimit.Check (token bucket)",
-            Target::DirectRateLimitCheck => "direct rate-limit check",
+            Target::RedisIncrExpire => "redis INCR+PEXPIRE (fixed window)",
+            Target::StoreRateLimitCheck => "store rate-limit check",
             Target::LockAcquireRelease => "Lock.Acquire+Release (2 RPCs)",
+            Target::RedisSetNxDel => "redis SET NX PX + DEL",
             Target::StatsIncrement => "Stats.Increment (1 delta)",
-            Target::DirectStatsIncrement => "direct stats increment",
+            Target::RedisIncrBuckets => "redis 4 INCRBY + 3 PEXPIRE",
+            Target::StoreStatsIncrement => "store stats increment",
             Target::SessionGet => "Session.GetSession",
-            Target::DirectSessionGet => "direct session get",
+            Target::RedisHgetall => "redis HGETALL",
+            Target::StoreSessionGet => "store session get",
         }
     }
 
@@ -98,15 +134,29 @@ impl Target {
         Self::ALL.iter().copied().find(|t| t.name() == name)
     }
 
-    /// The Redis floor of a service target.
-    pub fn direct(self) -> Option<Target> {
+    /// The Redis floor of a service target: what a user's own client sends.
+    pub fn floor(self) -> Option<Target> {
         match self {
-            Target::CacheGet => Some(Target::DirectGet),
-            Target::CacheSet => Some(Target::DirectSet),
-            Target::CacheGetMany => Some(Target::DirectGetMany),
-            Target::RateLimitCheck => Some(Target::DirectRateLimitCheck),
-            Target::StatsIncrement => Some(Target::DirectStatsIncrement),
-            Target::SessionGet => Some(Target::DirectSessionGet),
+            Target::CacheGet => Some(Target::RedisGet),
+            Target::CacheSet => Some(Target::RedisSet),
+            Target::CacheGetMany => Some(Target::RedisMget),
+            Target::RateLimitCheck => Some(Target::RedisIncrExpire),
+            Target::LockAcquireRelease => Some(Target::RedisSetNxDel),
+            Target::StatsIncrement => Some(Target::RedisIncrBuckets),
+            Target::SessionGet => Some(Target::RedisHgetall),
+            _ => None,
+        }
+    }
+
+    /// The service's own store layer doing a service target's Redis work.
+    pub fn store(self) -> Option<Target> {
+        match self {
+            Target::CacheGet => Some(Target::StoreGet),
+            Target::CacheSet => Some(Target::StoreSet),
+            Target::CacheGetMany => Some(Target::StoreGetMany),
+            Target::RateLimitCheck => Some(Target::StoreRateLimitCheck),
+            Target::StatsIncrement => Some(Target::StoreStatsIncrement),
+            Target::SessionGet => Some(Target::StoreSessionGet),
             _ => None,
         }
     }
@@ -120,25 +170,31 @@ pub struct Clients {
     rate_limit: RateLimitStore,
     stats: StatsStore,
     sessions: SessionStore,
-    /// A session created for GetSession.
+    /// Plain redis-rs connections (the Redis floor); caller i uses i % n.
+    plain: Vec<MultiplexedConnection>,
+    /// get.lua, for the same script sent by a plain client.
+    get_script: redis::Script,
+    /// The session created for GetSession, and its Redis key.
     session_id: String,
+    session_key: String,
     value: Vec<u8>,
     /// Services that answered UNIMPLEMENTED when prepared.
     lock_available: bool,
 }
 
 impl Clients {
-    /// Connects `connections` channels to the service and the stores to
-    /// Redis (a pool of `connections` multiplexed connections), waits for
-    /// the service to be SERVING, and preloads what is read.
+    /// Connects `connections` channels to the service, `connections` plain
+    /// Redis connections and the stores (over `connections` shared
+    /// connections), waits for the service to be SERVING, and preloads what
+    /// is read.
     pub async fn connect(grpc_port: u16, redis_url: &str, connections: usize) -> Result<Self, String> {
         let mut channels = Vec::new();
         for _ in 0..connections.max(1) {
             let endpoint = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}")).map_err(|e| e.to_string())?;
             channels.push(connect_retrying(endpoint).await?);
         }
-        let pool = connections.max(1).to_string();
-        let args = ["cachecoord", "--redis-url", redis_url, "--key-prefix", "bench", "--redis-pool-size", &pool];
+        let shared = connections.max(1).to_string();
+        let args = ["cachecoord", "--redis-url", redis_url, "--key-prefix", "bench", "--redis-connections", &shared];
         let config = Config::try_parse_from(args).map_err(|e| e.to_string())?;
         let redis = Redis::new(&config)?;
         let keys = Keys::new(&config.key_prefix);
@@ -150,13 +206,31 @@ impl Clients {
         };
         let stats = StatsStore::new(redis.clone(), keys.clone(), calendar, retention, config.stats_active_window_max);
         let sessions = SessionStore::new(redis.clone(), keys.clone(), 0, config.max_value_bytes, config.max_ttl);
+        let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
+        // As a user would open them, minus the reply timeout: a loaded
+        // machine must slow the floor down, not end the run.
+        let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+        let mut plain = Vec::new();
+        while plain.len() < connections.max(1) {
+            // redis-server may still be starting.
+            match client.get_multiplexed_async_connection_with_config(&config).await {
+                Ok(conn) => plain.push(conn),
+                Err(err) if plain.is_empty() && err.is_connection_refusal() => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                }
+                Err(err) => return Err(err.to_string()),
+            }
+        }
         let mut clients = Self {
+            plain,
+            get_script: redis::Script::new(include_str!("../../src/store/lua/get.lua")),
             channels,
             cache: CacheStore::new(redis.clone(), keys.clone()),
             rate_limit: RateLimitStore::new(redis, keys),
             stats,
             sessions,
             session_id: String::new(),
+            session_key: String::new(),
             value: vec![b'x'; 100],
             lock_available: false,
         };
@@ -185,10 +259,23 @@ impl Clients {
             .await
             .map_err(|e| e.to_string())?;
         self.session_id = created.into_inner().session.map(|s| s.session_id).unwrap_or_default();
+        self.session_key = Keys::new("bench").session(&self.session_id);
         let mut locks = LockServiceClient::new(self.channels[0].clone());
         let probe = locks.inspect(proto::InspectRequest { name: "probe".into() }).await;
         self.lock_available = !matches!(probe, Err(ref status) if status.code() == tonic::Code::Unimplemented);
         Ok(())
+    }
+
+    /// Redis's CPU time so far (user + sys, from `INFO cpu`).
+    pub async fn redis_cpu(&self) -> Result<std::time::Duration, String> {
+        let mut conn = self.plain[0].clone();
+        let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await.map_err(|e| e.to_string())?;
+        let seconds: f64 = info
+            .lines()
+            .filter_map(|line| line.strip_prefix("used_cpu_sys:").or_else(|| line.strip_prefix("used_cpu_user:")))
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum();
+        Ok(std::time::Duration::from_secs_f64(seconds))
     }
 
     /// True when the service implements what `target` calls.
@@ -207,6 +294,7 @@ impl Clients {
             stats: StatsServiceClient::new(channel.clone()),
             sessions: SessionServiceClient::new(channel.clone()),
             health: HealthClient::new(channel),
+            plain: self.plain[caller % self.plain.len()].clone(),
             own_key: format!("caller:{caller}"),
             many: (0..MANY).map(|i| format!("many:{i}")).collect(),
         }
@@ -239,6 +327,8 @@ pub struct Worker {
     stats: StatsServiceClient<Channel>,
     sessions: SessionServiceClient<Channel>,
     health: HealthClient<Channel>,
+    /// This caller's share of a plain Redis connection.
+    plain: MultiplexedConnection,
     /// This caller's own key or name, so callers do not contend.
     own_key: String,
     /// The GetMany keys.
@@ -260,14 +350,40 @@ impl Worker {
                     return Err("hot key missing".into());
                 }
             }
-            Target::DirectGet => {
+            Target::RedisGet => {
+                let value: Option<Vec<u8>> =
+                    redis::cmd("GET").arg(HOT).query_async(&mut self.plain).await.map_err(|e| err(&e))?;
+                value.ok_or("hot key missing")?;
+            }
+            Target::RedisEvalGet => {
+                let mut call = c.get_script.prepare_invoke();
+                call.key(HOT);
+                let _: Vec<(Vec<u8>, i64)> = call.invoke_async(&mut self.plain).await.map_err(|e| err(&e))?;
+            }
+            Target::RedisGetPttl => {
+                let (value, _ttl): (Option<Vec<u8>>, i64) =
+                    redis::pipe().get(HOT).pttl(HOT).query_async(&mut self.plain).await.map_err(|e| err(&e))?;
+                value.ok_or("hot key missing")?;
+            }
+            Target::StoreGet => {
                 c.cache.get_many(&[HOT_KEY.to_string()]).await.map_err(|e| err(&e))?;
             }
             Target::CacheSet => {
                 let request = SetRequest { key: self.own_key.clone(), value: c.value.clone(), ..Default::default() };
                 self.cache.set(request).await.map_err(|e| err(&e))?;
             }
-            Target::DirectSet => {
+            Target::RedisSet => {
+                let key = format!("bench:plain:{}", self.own_key);
+                let _: () = redis::cmd("SET")
+                    .arg(key)
+                    .arg(&c.value)
+                    .arg("PX")
+                    .arg(3_600_000)
+                    .query_async(&mut self.plain)
+                    .await
+                    .map_err(|e| err(&e))?;
+            }
+            Target::StoreSet => {
                 let write =
                     Write { key: &self.own_key, value: &c.value, ttl: std::time::Duration::from_secs(3600), tags: &[] };
                 c.cache.set(&write, Condition::Always).await.map_err(|e| err(&e))?;
@@ -275,7 +391,12 @@ impl Worker {
             Target::CacheGetMany => {
                 self.cache.get_many(GetManyRequest { keys: self.many.clone() }).await.map_err(|e| err(&e))?;
             }
-            Target::DirectGetMany => {
+            Target::RedisMget => {
+                let keys: Vec<String> = (0..MANY).map(|i| format!("bench:c:{{many:{i}}}")).collect();
+                let _: Vec<Option<Vec<u8>>> =
+                    redis::cmd("MGET").arg(keys).query_async(&mut self.plain).await.map_err(|e| err(&e))?;
+            }
+            Target::StoreGetMany => {
                 c.cache.get_many(&self.many).await.map_err(|e| err(&e))?;
             }
             Target::RateLimitCheck => {
@@ -289,7 +410,16 @@ impl Worker {
                 let request = proto::CheckRequest { limits: vec![limit], cost: None, peek: false };
                 self.rate_limit.check(request).await.map_err(|e| err(&e))?;
             }
-            Target::DirectRateLimitCheck => {
+            Target::RedisIncrExpire => {
+                let key = format!("bench:plain:rl:{}", self.own_key);
+                let _: (i64, i64) = redis::pipe()
+                    .incr(&key, 1)
+                    .pexpire(&key, 60_000)
+                    .query_async(&mut self.plain)
+                    .await
+                    .map_err(|e| err(&e))?;
+            }
+            Target::StoreRateLimitCheck => {
                 let limit = Limit {
                     key: &self.own_key,
                     limit: LIMIT,
@@ -305,11 +435,47 @@ impl Worker {
                 let lease_id = self.locks.acquire(acquire).await.map_err(|e| err(&e))?.into_inner().lease_id;
                 self.locks.release(ReleaseRequest { name, lease_id }).await.map_err(|e| err(&e))?;
             }
+            Target::RedisSetNxDel => {
+                let key = format!("bench:plain:lock:{}", self.own_key);
+                let taken: Option<String> = redis::cmd("SET")
+                    .arg(&key)
+                    .arg("lease")
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(30_000)
+                    .query_async(&mut self.plain)
+                    .await
+                    .map_err(|e| err(&e))?;
+                taken.ok_or("plain lock held")?;
+                let _: i64 = redis::cmd("DEL").arg(&key).query_async(&mut self.plain).await.map_err(|e| err(&e))?;
+            }
             Target::StatsIncrement => {
                 let delta = proto::Delta { name: self.own_key.clone(), amount: None };
                 self.stats.increment(IncrementRequest { deltas: vec![delta] }).await.map_err(|e| err(&e))?;
             }
-            Target::DirectStatsIncrement => {
+            Target::RedisIncrBuckets => {
+                let base = format!("bench:plain:st:{}", self.own_key);
+                let (minute, hour, day) = (format!("{base}:m"), format!("{base}:h"), format!("{base}:d"));
+                let _: () = redis::pipe()
+                    .incr(&minute, 1)
+                    .ignore()
+                    .pexpire(&minute, 172_800_000)
+                    .ignore()
+                    .incr(&hour, 1)
+                    .ignore()
+                    .pexpire(&hour, 2_592_000_000_i64)
+                    .ignore()
+                    .incr(&day, 1)
+                    .ignore()
+                    .pexpire(&day, 34_560_000_000_i64)
+                    .ignore()
+                    .incr(format!("{base}:total"), 1)
+                    .ignore()
+                    .query_async(&mut self.plain)
+                    .await
+                    .map_err(|e| err(&e))?;
+            }
+            Target::StoreStatsIncrement => {
                 c.stats.increment(&[(&self.own_key, 1)]).await.map_err(|e| err(&e))?;
             }
             Target::SessionGet => {
@@ -319,7 +485,17 @@ impl Worker {
                     return Err("bench session missing".into());
                 }
             }
-            Target::DirectSessionGet => {
+            Target::RedisHgetall => {
+                let fields: std::collections::HashMap<String, Vec<u8>> = redis::cmd("HGETALL")
+                    .arg(&c.session_key)
+                    .query_async(&mut self.plain)
+                    .await
+                    .map_err(|e| err(&e))?;
+                if fields.is_empty() {
+                    return Err("bench session missing".into());
+                }
+            }
+            Target::StoreSessionGet => {
                 c.sessions.get(&c.session_id, false, None).await.map_err(|e| err(&e))?;
             }
         }

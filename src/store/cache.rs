@@ -2,10 +2,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use deadpool_redis::redis::{Script, Value, aio::MultiplexedConnection};
+use deadpool_redis::redis::{self, Script, Value};
 use tokio::time::Instant;
 
-use super::{Redis, millis, random_token, wake::Waiters};
+use super::{Conn, Redis, millis, random_token, wake::Waiters};
 use crate::{
     error::{Error, Result},
     keys::Keys,
@@ -83,8 +83,14 @@ struct Scripts {
     fetch: Script,
     fill: Script,
     abandon_fill: Script,
-    invalidate_tags: Script,
+    /// Records entries in tag indexes (before they are written).
+    tag_index: Script,
+    /// Deletes the entries of one slot still under the invalidated tags.
+    invalidate_entries: Script,
+    /// Drops index members an invalidation dealt with.
+    tag_forget: Script,
 }
+
 
 impl Drop for CacheStore {
     fn drop(&mut self) {
@@ -107,75 +113,109 @@ impl CacheStore {
             fetch: Script::new(include_str!("lua/fetch.lua")),
             fill: write_script!("fill.lua"),
             abandon_fill: write_script!("abandon_fill.lua"),
-            invalidate_tags: write_script!("invalidate_tags.lua"),
+            tag_index: Script::new(include_str!("lua/tag_index.lua")),
+            invalidate_entries: write_script!("invalidate_entries.lua"),
+            tag_forget: Script::new(include_str!("lua/tag_forget.lua")),
         };
         Self { redis, keys, channel, waiters, scripts, listener }
     }
 
-    /// Reads entries in order, in one round trip.
+    /// Reads entries in order: one script call per hash slot (one in all on
+    /// a single server), sent together.
     pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Entry>> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
+        let entry_keys: Vec<String> = keys.iter().map(|key| self.keys.cache_entry(key)).collect();
+        let groups = self.redis.slot_groups(entry_keys.iter().map(String::as_str));
+        let entry_keys = &entry_keys;
+        let reads = groups.iter().map(|group| async move {
+            let mut call = self.scripts.get.prepare_invoke();
+            for &i in group {
+                call.key(&entry_keys[i]);
+            }
+            let reply: Vec<Value> = self.redis.invoke(&call).await?;
+            parse_entries(reply, group.len())
+        });
+        let mut entries = vec![Entry { value: None, ttl: None }; keys.len()];
+        for (group, read) in groups.iter().zip(futures::future::try_join_all(reads).await?) {
+            for (&i, entry) in group.iter().zip(read) {
+                entries[i] = entry;
+            }
         }
-        let mut call = self.scripts.get.prepare_invoke();
-        for key in keys {
-            call.key(self.keys.cache_entry(key));
-        }
-        let rows: Vec<(Option<Vec<u8>>, i64)> = self.redis.invoke(&call).await?;
-        if rows.len() != keys.len() {
-            return Err(Error::Internal(format!("get returned {} rows for {} keys", rows.len(), keys.len())));
-        }
-        Ok(rows.into_iter().map(|(value, pttl)| entry(value, pttl)).collect())
+        Ok(entries)
     }
 
-    /// Writes one entry; false when the condition did not hold.
+    /// Writes one entry; false when the condition did not hold. With tags,
+    /// the entry is first recorded in its tag indexes (a second round trip,
+    /// since the indexes live in other slots).
     pub async fn set(&self, write: &Write<'_>, condition: Condition) -> Result<bool> {
+        let recorded = self.record_tags(std::slice::from_ref(write)).await?;
         let mut call = self.scripts.set.prepare_invoke();
         call.key(self.keys.cache_entry(write.key));
-        self.tag_keys(&mut call, write.tags);
-        call.arg(&self.channel).arg(write.value).arg(millis(write.ttl)).arg(match condition {
+        call.arg(&self.channel).arg(write.value);
+        expiry_args(&mut call, write, recorded);
+        call.arg(match condition {
             Condition::Always => "",
             Condition::IfAbsent => "NX",
             Condition::IfPresent => "XX",
         });
+        self.tag_args(&mut call, write.tags);
         let stored: i64 = self.redis.invoke(&call).await?;
         Ok(stored == 1)
     }
 
-    /// Writes every entry, in one round trip; returns how many.
+    /// Writes every entry (after recording their tags); one script call per
+    /// hash slot, sent together. Returns how many.
     pub async fn set_many(&self, writes: &[Write<'_>]) -> Result<u32> {
-        if writes.is_empty() {
-            return Ok(0);
-        }
-        let mut call = self.scripts.set_many.prepare_invoke();
-        call.arg(&self.channel);
-        for write in writes {
-            call.key(self.keys.cache_entry(write.key));
-            self.tag_keys(&mut call, write.tags);
-            call.arg(write.value).arg(millis(write.ttl)).arg(write.tags.len());
-        }
-        self.redis.invoke(&call).await
+        let recorded = self.record_tags(writes).await?;
+        let entry_keys: Vec<String> = writes.iter().map(|w| self.keys.cache_entry(w.key)).collect();
+        let groups = self.redis.slot_groups(entry_keys.iter().map(String::as_str));
+        let entry_keys = &entry_keys;
+        let calls = groups.iter().map(|group| async move {
+            let mut call = self.scripts.set_many.prepare_invoke();
+            call.arg(&self.channel);
+            for &i in group {
+                let write = &writes[i];
+                call.key(&entry_keys[i]).arg(write.value);
+                expiry_args(&mut call, write, recorded);
+                call.arg(write.tags.len());
+                self.tag_args(&mut call, write.tags);
+            }
+            self.redis.invoke::<u32>(&call).await
+        });
+        Ok(futures::future::try_join_all(calls).await?.into_iter().sum())
     }
 
-    /// Deletes entries; returns how many existed.
+    /// Deletes entries; returns how many existed. One script call per hash
+    /// slot, sent together.
     pub async fn delete(&self, keys: &[String]) -> Result<u32> {
-        if keys.is_empty() {
-            return Ok(0);
-        }
-        let mut call = self.scripts.delete.prepare_invoke();
-        for key in keys {
-            call.key(self.keys.cache_entry(key));
-        }
-        call.arg(&self.channel);
-        self.redis.invoke(&call).await
+        let entry_keys: Vec<String> = keys.iter().map(|key| self.keys.cache_entry(key)).collect();
+        self.delete_entries(&self.scripts.delete, &entry_keys, &[]).await
     }
 
-    /// Sets a new TTL on a live entry; false when there is none.
+    /// Sets a new TTL on a live entry; false when there is none. A tagged
+    /// entry's indexes are extended first (two more round trips), so an index
+    /// never expires before its entry.
     pub async fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
+        let entry_key = self.keys.cache_entry(key);
         let mut call = self.scripts.touch.prepare_invoke();
-        call.key(self.keys.cache_entry(key)).arg(millis(ttl));
-        let found: i64 = self.redis.invoke(&call).await?;
-        Ok(found == 1)
+        call.key(&entry_key).arg("PX").arg(millis(ttl));
+        let reply: Vec<Value> = self.redis.invoke(&call).await?;
+        let indexes = match reply.split_first() {
+            Some((Value::Int(0 | 1), [])) => return Ok(reply[0] == Value::Int(1)),
+            Some((Value::Int(2), tags)) => tags
+                .iter()
+                .map(|tag| match tag {
+                    Value::BulkString(name) => Ok(String::from_utf8_lossy(name).into_owned()),
+                    other => Err(Error::Internal(format!("touch returned tag {other:?}"))),
+                })
+                .collect::<Result<Vec<_>>>()?,
+            _ => return Err(Error::Internal(format!("touch returned {reply:?}"))),
+        };
+        let entries = [(entry_key.as_str(), ttl)];
+        let now = self.record(indexes.iter().map(|index| (index.as_str(), &entries[..])).collect()).await?;
+        let mut call = self.scripts.touch.prepare_invoke();
+        call.key(&entry_key).arg("PXAT").arg(now.saturating_add(millis(ttl)));
+        let reply: Vec<Value> = self.redis.invoke(&call).await?;
+        Ok(reply.first() == Some(&Value::Int(1)))
     }
 
     /// The stampede-safe read: a hit, the fill lease, or, after waiting up to
@@ -252,10 +292,12 @@ impl CacheStore {
 
     /// Stores a value under a fill lease; false when the lease is not current.
     pub async fn fill(&self, write: &Write<'_>, token: &str) -> Result<bool> {
+        let recorded = self.record_tags(std::slice::from_ref(write)).await?;
         let mut call = self.scripts.fill.prepare_invoke();
         call.key(self.keys.cache_entry(write.key)).key(self.keys.cache_lease(write.key));
-        self.tag_keys(&mut call, write.tags);
-        call.arg(&self.channel).arg(token).arg(write.value).arg(millis(write.ttl));
+        call.arg(&self.channel).arg(token).arg(write.value);
+        expiry_args(&mut call, write, recorded);
+        self.tag_args(&mut call, write.tags);
         let stored: i64 = self.redis.invoke(&call).await?;
         Ok(stored == 1)
     }
@@ -268,20 +310,105 @@ impl CacheStore {
         Ok(released == 1)
     }
 
-    /// Deletes every entry with any of the tags; returns how many.
+    /// Deletes every entry still tagged with any of the tags; returns how
+    /// many. Three steps, each one call per hash slot sent together: read the
+    /// tag indexes, delete their entries (each slot's entries in one script,
+    /// only those whose tag list still names an invalidated tag), then drop
+    /// the index members dealt with, keeping any a write re-recorded
+    /// meanwhile. An entry whose write completed before this call began is
+    /// in an index (writes record tags first), so it is gone when this
+    /// returns; an interrupted invalidation leaves the indexes for the next.
     pub async fn invalidate_tags(&self, tags: &[String]) -> Result<u32> {
-        if tags.is_empty() {
-            return Ok(0);
-        }
-        let mut call = self.scripts.invalidate_tags.prepare_invoke();
-        self.tag_keys(&mut call, tags);
-        call.arg(&self.channel);
-        self.redis.invoke(&call).await
+        let indexes: Vec<String> = tags.iter().map(|tag| self.keys.cache_tag(tag)).collect();
+        let reads = indexes.iter().map(|index| async move {
+            let members: Vec<(String, String)> =
+                self.redis.query(redis::cmd("ZRANGE").arg(index).arg(0).arg(-1).arg("WITHSCORES")).await?;
+            Ok::<_, Error>(members)
+        });
+        let members = futures::future::try_join_all(reads).await?;
+        let mut entries: Vec<String> = members.iter().flatten().map(|(entry, _)| entry.clone()).collect();
+        entries.sort_unstable();
+        entries.dedup();
+        let deleted = self.delete_entries(&self.scripts.invalidate_entries, &entries, &indexes).await?;
+        let forgets = indexes.iter().zip(&members).filter(|(_, m)| !m.is_empty()).map(|(index, members)| async move {
+            let mut call = self.scripts.tag_forget.prepare_invoke();
+            call.key(index);
+            for (entry, score) in members {
+                call.arg(entry).arg(score);
+            }
+            self.redis.invoke::<()>(&call).await
+        });
+        futures::future::try_join_all(forgets).await?;
+        Ok(deleted)
     }
 
-    fn tag_keys(&self, call: &mut deadpool_redis::redis::ScriptInvocation<'_>, tags: &[String]) {
+    /// Runs `script` (delete.lua or invalidate_entries.lua) over the entry
+    /// keys, one call per hash slot sent together, with the fill channel and
+    /// `extra` as arguments; the sum of their counts.
+    async fn delete_entries(&self, script: &Script, entry_keys: &[String], extra: &[String]) -> Result<u32> {
+        let groups = self.redis.slot_groups(entry_keys.iter().map(String::as_str));
+        let calls = groups.iter().map(|group| async move {
+            let mut call = script.prepare_invoke();
+            for &i in group {
+                call.key(&entry_keys[i]);
+            }
+            call.arg(&self.channel);
+            for arg in extra {
+                call.arg(arg);
+            }
+            self.redis.invoke::<u32>(&call).await
+        });
+        Ok(futures::future::try_join_all(calls).await?.into_iter().sum())
+    }
+
+    /// Records each write's entry in the indexes of its tags, before the
+    /// entries are written; `None` when no write has tags, else the Redis
+    /// time from which the tagged entries' expiries are counted.
+    async fn record_tags(&self, writes: &[Write<'_>]) -> Result<Option<u64>> {
+        if writes.iter().all(|w| w.tags.is_empty()) {
+            return Ok(None);
+        }
+        let entry_keys: Vec<String> = writes.iter().map(|w| self.keys.cache_entry(w.key)).collect();
+        let mut by_index: Vec<(String, Vec<(&str, Duration)>)> = Vec::new();
+        for (write, entry) in writes.iter().zip(&entry_keys) {
+            for tag in write.tags {
+                let index = self.keys.cache_tag(tag);
+                match by_index.iter_mut().find(|(i, _)| *i == index) {
+                    Some((_, entries)) => entries.push((entry, write.ttl)),
+                    None => by_index.push((index, vec![(entry, write.ttl)])),
+                }
+            }
+        }
+        let indexes = by_index.iter().map(|(index, entries)| (index.as_str(), &entries[..])).collect();
+        Ok(Some(self.record(indexes).await?))
+    }
+
+    /// Runs tag_index.lua for `(index, entries with their ttl)`, one call
+    /// per hash slot, sent together; the earliest Redis time the calls
+    /// counted the scores from (an entry that expires at that time plus its
+    /// ttl expires no later than any index member for it).
+    async fn record(&self, indexes: Vec<(&str, &[(&str, Duration)])>) -> Result<u64> {
+        let groups = self.redis.slot_groups(indexes.iter().map(|(index, _)| *index));
+        let indexes = &indexes;
+        let calls = groups.iter().map(|group| async move {
+            let mut call = self.scripts.tag_index.prepare_invoke();
+            for &i in group {
+                let (index, entries) = indexes[i];
+                call.key(index).arg(entries.len());
+                for (entry, ttl) in entries {
+                    call.arg(*entry).arg(millis(*ttl));
+                }
+            }
+            self.redis.invoke::<u64>(&call).await
+        });
+        let times = futures::future::try_join_all(calls).await?;
+        times.into_iter().min().ok_or_else(|| Error::Internal("no tag index recorded".into()))
+    }
+
+    /// Appends the tag-index key names of `tags` to a script's arguments.
+    fn tag_args(&self, call: &mut redis::ScriptInvocation<'_>, tags: &[String]) {
         for tag in tags {
-            call.key(self.keys.cache_tag(tag));
+            call.arg(self.keys.cache_tag(tag));
         }
     }
 }
@@ -292,7 +419,7 @@ struct LeaseGuard {
     /// Set while the attempt's outcome is unknown to its caller.
     store: Option<Arc<CacheStore>>,
     /// The connection the fetch script went out on.
-    conn: MultiplexedConnection,
+    conn: Conn,
     entry_key: String,
     lease_key: String,
     token: String,
@@ -320,6 +447,33 @@ impl Drop for LeaseGuard {
 enum Attempt {
     Done(Fetched),
     Leased(Duration),
+}
+
+/// A write script's expiry arguments: in `ttl` for an untagged entry; for a
+/// tagged one, at `recorded + ttl`, the instant its tag indexes were given.
+fn expiry_args(call: &mut redis::ScriptInvocation<'_>, write: &Write<'_>, recorded: Option<u64>) {
+    match recorded {
+        Some(now) if !write.tags.is_empty() => call.arg("PXAT").arg(now.saturating_add(millis(write.ttl))),
+        _ => call.arg("PX").arg(millis(write.ttl)),
+    };
+}
+
+/// The entries of one get.lua reply (value and PTTL per key).
+fn parse_entries(reply: Vec<Value>, keys: usize) -> Result<Vec<Entry>> {
+    if reply.len() != 2 * keys {
+        return Err(Error::Internal(format!("get returned {} items for {keys} keys", reply.len())));
+    }
+    let mut items = reply.into_iter();
+    let mut entries = Vec::with_capacity(keys);
+    while let (Some(value), Some(pttl)) = (items.next(), items.next()) {
+        entries.push(match (value, pttl) {
+            // PTTL -2: no such key.
+            (_, Value::Int(-2)) => entry(None, -2),
+            (Value::BulkString(value), Value::Int(pttl)) => entry(Some(value), pttl),
+            other => return Err(Error::Internal(format!("get returned {other:?}"))),
+        });
+    }
+    Ok(entries)
 }
 
 fn entry(value: Option<Vec<u8>>, pttl: i64) -> Entry {

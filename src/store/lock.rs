@@ -6,15 +6,12 @@
 //! announces the lock on the lock channel, or when the holder's lease runs
 //! out: never on a polling interval.
 
-use std::{
-    sync::{Arc, Mutex, PoisonError},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use deadpool_redis::redis::{FromRedisValue, Script, ScriptInvocation, Value, aio::MultiplexedConnection};
+use deadpool_redis::redis::{Script, Value};
 use tokio::time::Instant;
 
-use super::{Redis, millis, random_token, wake::Waiters};
+use super::{Conn, Redis, millis, random_token, wake::Waiters};
 use crate::{
     error::{Error, Result},
     keys::Keys,
@@ -56,12 +53,6 @@ pub struct LockStore {
     waiters: Arc<Waiters>,
     /// The lock scripts.
     scripts: Scripts,
-    /// The connection every lock script goes out on, taken out of the pool
-    /// once and replaced after a failure. Lock scripts are small and O(1), so
-    /// one multiplexed connection carries them all without queueing behind
-    /// big replies; it keeps a give-up release behind the acquire it undoes,
-    /// and the hand-off path never meets the pool's idle-connection PING.
-    conn: Mutex<Option<MultiplexedConnection>>,
     /// Keeps the release listener alive exactly as long as the store.
     listener: tokio::task::JoinHandle<()>,
 }
@@ -104,32 +95,7 @@ impl LockStore {
             extend: Script::new(include_str!("lua/lock_extend.lua")),
             inspect: Script::new(include_str!("lua/lock_inspect.lua")),
         };
-        Self { redis, keys, channel, waiters, scripts, conn: Mutex::new(None), listener }
-    }
-
-    /// The lock connection, opened on first use or after a failure.
-    async fn conn(&self) -> Result<MultiplexedConnection> {
-        if let Some(conn) = self.conn.lock().unwrap_or_else(PoisonError::into_inner).as_ref() {
-            return Ok(conn.clone());
-        }
-        let conn = self.redis.connection().await?;
-        *self.conn.lock().unwrap_or_else(PoisonError::into_inner) = Some(conn.clone());
-        Ok(conn)
-    }
-
-    /// Runs a script on `conn`; a connection that failed is not used again.
-    async fn run<T: FromRedisValue>(&self, conn: &mut MultiplexedConnection, call: &ScriptInvocation<'_>) -> Result<T> {
-        let result = self.redis.invoke_on(conn, call).await;
-        if let Err(Error::Unavailable(_)) = result {
-            self.conn.lock().unwrap_or_else(PoisonError::into_inner).take();
-        }
-        result
-    }
-
-    /// Runs a script on the lock connection.
-    async fn invoke<T: FromRedisValue>(&self, call: &ScriptInvocation<'_>) -> Result<T> {
-        let mut conn = self.conn().await?;
-        self.run(&mut conn, call).await
+        Self { redis, keys, channel, waiters, scripts, listener }
     }
 
     /// Takes lock `name` for `ttl`, waiting for it until `deadline` (`None`:
@@ -189,12 +155,12 @@ impl LockStore {
     ) -> Result<Attempt> {
         let mut call = self.scripts.acquire.prepare_invoke();
         call.key(key).key(fence).arg(lease_id).arg(owner).arg(millis(ttl));
-        let mut conn = self.conn().await?;
+        let mut conn = self.redis.connection().await?;
         let guard = ReleaseOnDrop { store: Arc::clone(self), key, lease_id, conn: Some(conn.clone()) };
         let sent = Instant::now();
         // On an error (a timeout) the script may still run later: the guard
         // stays armed and releases it.
-        let reply: Vec<Value> = self.run(&mut conn, &call).await?;
+        let reply: Vec<Value> = self.redis.invoke_on(&mut conn, &call).await?;
         guard.disarm();
         match reply.as_slice() {
             [Value::Int(1), Value::Int(token)] => Ok(Attempt::Taken(Grant {
@@ -213,7 +179,7 @@ impl LockStore {
     pub async fn release(&self, name: &str, lease_id: &str) -> Result<bool> {
         let mut call = self.scripts.release.prepare_invoke();
         call.key(self.keys.lock(name)).arg(lease_id).arg(&self.channel);
-        let released: i64 = self.invoke(&call).await?;
+        let released: i64 = self.redis.invoke(&call).await?;
         Ok(released == 1)
     }
 
@@ -223,7 +189,7 @@ impl LockStore {
         let mut call = self.scripts.extend.prepare_invoke();
         call.key(self.keys.lock(name)).arg(lease_id).arg(millis(ttl)).arg(&self.channel);
         let sent = Instant::now();
-        let extended: i64 = self.invoke(&call).await?;
+        let extended: i64 = self.redis.invoke(&call).await?;
         Ok((extended == 1).then_some(sent + ttl))
     }
 
@@ -231,7 +197,7 @@ impl LockStore {
     pub async fn inspect(&self, name: &str) -> Result<Option<Holder>> {
         let mut call = self.scripts.inspect.prepare_invoke();
         call.key(self.keys.lock(name));
-        let reply: Vec<Value> = self.invoke(&call).await?;
+        let reply: Vec<Value> = self.redis.invoke(&call).await?;
         match reply.as_slice() {
             [Value::Int(0)] => Ok(None),
             [Value::Int(1), Value::BulkString(owner), Value::Int(token), Value::Int(pttl)] => Ok(Some(Holder {
@@ -257,7 +223,7 @@ struct ReleaseOnDrop<'a> {
     /// The lease id the attempt asked for.
     lease_id: &'a str,
     /// The attempt's connection (a clone shares it); `None` once disarmed.
-    conn: Option<MultiplexedConnection>,
+    conn: Option<Conn>,
 }
 
 impl ReleaseOnDrop<'_> {
@@ -275,7 +241,7 @@ impl Drop for ReleaseOnDrop<'_> {
         runtime.spawn(async move {
             let mut call = store.scripts.release.prepare_invoke();
             call.key(&key).arg(&lease_id).arg(&store.channel);
-            match store.run::<i64>(&mut conn, &call).await {
+            match store.redis.invoke_on::<i64>(&mut conn, &call).await {
                 Ok(1) => tracing::debug!(%key, "released a lock its caller gave up on"),
                 Ok(_) => {}
                 // The lease then ends with its TTL.

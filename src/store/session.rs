@@ -22,11 +22,15 @@ macro_rules! session_script {
 /// Random bytes in a session id: 128 bits, the OWASP recommendation.
 const SESSION_ID_BYTES: usize = 16;
 
-/// A fresh session id: [`SESSION_ID_BYTES`] from the thread-local CSPRNG
-/// (ChaCha, seeded and periodically reseeded from the OS), as URL-safe
-/// base64 without padding.
-pub fn new_session_id() -> String {
-    URL_SAFE_NO_PAD.encode(rand::random::<[u8; SESSION_ID_BYTES]>())
+/// A fresh session id for `user_id`: the user's tag (8 hex digits, the hash
+/// tag its keys share with the user's index) followed by
+/// [`SESSION_ID_BYTES`] from the thread-local CSPRNG (ChaCha, seeded and
+/// periodically reseeded from the OS) as URL-safe base64 without padding.
+/// The tag adds no secrecy and takes none away: the 128 random bits are the
+/// secret.
+pub fn new_session_id(user_id: &str) -> String {
+    let random = URL_SAFE_NO_PAD.encode(rand::random::<[u8; SESSION_ID_BYTES]>());
+    format!("{}{random}", crate::keys::user_tag(user_id))
 }
 
 /// The hex SHA-256 of a token: what the denylist stores instead of it.
@@ -134,7 +138,7 @@ impl SessionStore {
         // A taken id is as likely as guessing a 128-bit secret; drawing again
         // is still cheaper than reasoning about it.
         for _ in 0..3 {
-            let id = new_session_id();
+            let id = new_session_id(user_id);
             let mut call = self.scripts.create.prepare_invoke();
             call.key(self.keys.session(&id)).key(self.keys.user_sessions(user_id));
             call.arg(&id).arg(user_id).arg(data).arg(millis(ttl)).arg(self.max_per_user);
@@ -217,7 +221,9 @@ impl SessionStore {
     pub async fn delete_user(&self, user_id: &str, keep: Option<&str>) -> Result<u64> {
         let mut call = self.scripts.delete_user.prepare_invoke();
         call.key(self.keys.user_sessions(user_id));
-        if let Some(keep) = keep {
+        // A session of this user carries the user's tag; any other id cannot
+        // be one of them (and names a key in another hash slot).
+        if let Some(keep) = keep.filter(|keep| keep.starts_with(&crate::keys::user_tag(user_id))) {
             call.key(self.keys.session(keep));
         }
         self.redis.invoke(&call).await
@@ -278,11 +284,13 @@ mod tests {
     fn session_ids_are_url_safe_128_bit_and_do_not_collide_in_100k() {
         let mut seen = HashSet::with_capacity(100_000);
         for _ in 0..100_000 {
-            let id = new_session_id();
-            // 16 bytes → 22 base64 characters, no padding.
-            assert_eq!(id.len(), 22, "{id}");
+            let id = new_session_id("user-1");
+            // The user's tag, then 16 bytes → 22 base64 characters, no padding.
+            let (tag, random) = id.split_at(crate::keys::USER_TAG_LEN);
+            assert_eq!(tag, crate::keys::user_tag("user-1"));
+            assert_eq!(random.len(), 22, "{id}");
             assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{id}");
-            assert_eq!(URL_SAFE_NO_PAD.decode(&id).expect("decodes").len(), 16);
+            assert_eq!(URL_SAFE_NO_PAD.decode(random).expect("decodes").len(), 16);
             assert!(seen.insert(id), "collision");
         }
     }

@@ -7,7 +7,7 @@ use deadpool_redis::redis::{self, Script, ScriptInvocation};
 
 use super::Redis;
 use crate::{
-    calendar::{Calendar, Granularity},
+    calendar::{Calendar, ClockTable, Granularity},
     error::{Error, Result},
     keys::Keys,
 };
@@ -68,40 +68,70 @@ impl StatsStore {
     }
 
     /// Adds each `(name, amount)` to its counter's current buckets and total;
-    /// returns the totals right after each, in order. One round trip. A delta
+    /// returns the totals right after each, in order. One round trip (one
+    /// script call per hash slot on Redis Cluster, sent together). A delta
     /// that would overflow a total is an invalid argument, and then nothing
-    /// is written.
+    /// is written: atomically within a slot; across slots the totals are
+    /// read and checked first, so only an increment racing this one past
+    /// the int64 range between that read and the write could leave the other
+    /// slots' deltas applied.
     pub async fn increment(&self, deltas: &[(&str, i64)]) -> Result<Vec<i64>> {
-        if deltas.is_empty() {
-            return Ok(Vec::new());
+        let keys: Vec<String> = deltas.iter().map(|(name, _)| self.keys.stats_counter(name)).collect();
+        let groups = self.redis.slot_groups(keys.iter().map(String::as_str));
+        if groups.len() > 1 {
+            let names: Vec<String> = deltas.iter().map(|(name, _)| name.to_string()).collect();
+            let mut totals = self.totals(&names).await?;
+            for (i, (_, amount)) in deltas.iter().enumerate() {
+                totals[i] = totals[i].checked_add(*amount).ok_or_else(|| overflow(i))?;
+                // Later deltas of the same name add to this one.
+                for later in i + 1..deltas.len() {
+                    if deltas[later].0 == deltas[i].0 {
+                        totals[later] = totals[i];
+                    }
+                }
+            }
         }
-        let mut call = self.scripts.increment.prepare_invoke();
-        call.arg(millis(self.retention.minute)).arg(millis(self.retention.hour)).arg(millis(self.retention.day));
-        self.clock_args(&mut call)?;
-        for (name, amount) in deltas {
-            call.key(self.keys.stats_counter(name)).arg(amount);
+        let clock = self.clock_table()?;
+        let keys = &keys;
+        let calls = groups.iter().map(|group| {
+            let clock = &clock;
+            async move {
+                let mut call = self.scripts.increment.prepare_invoke();
+                call.arg(millis(self.retention.minute))
+                    .arg(millis(self.retention.hour))
+                    .arg(millis(self.retention.day));
+                clock_args(&mut call, clock);
+                for &i in group {
+                    call.key(&keys[i]).arg(deltas[i].1);
+                }
+                let reply: Vec<String> = self.redis.invoke(&call).await?;
+                if let [flag, k] = reply.as_slice()
+                    && flag == "overflow"
+                {
+                    let k = k.parse::<usize>().map_err(|e| Error::Internal(format!("overflow index {k}: {e}")))?;
+                    let i = group.get(k.saturating_sub(1)).copied().unwrap_or(0);
+                    return Err(overflow(i));
+                }
+                if reply.len() != group.len() {
+                    return Err(Error::Internal(format!(
+                        "increment returned {} totals for {} deltas",
+                        reply.len(),
+                        group.len()
+                    )));
+                }
+                reply
+                    .iter()
+                    .map(|total| total.parse().map_err(|e| Error::Internal(format!("increment total {total}: {e}"))))
+                    .collect::<Result<Vec<i64>>>()
+            }
+        });
+        let mut totals = vec![0; deltas.len()];
+        for (group, group_totals) in groups.iter().zip(futures::future::try_join_all(calls).await?) {
+            for (&i, total) in group.iter().zip(group_totals) {
+                totals[i] = total;
+            }
         }
-        let reply: Vec<String> = self.redis.invoke(&call).await?;
-        if let [flag, k] = reply.as_slice()
-            && flag == "overflow"
-        {
-            let i = k.parse::<usize>().map_err(|e| Error::Internal(format!("increment overflow index {k}: {e}")))?;
-            return Err(Error::invalid(
-                format!("deltas[{}].amount", i.saturating_sub(1)),
-                "would take the total outside the int64 range",
-            ));
-        }
-        if reply.len() != deltas.len() {
-            return Err(Error::Internal(format!(
-                "increment returned {} totals for {} deltas",
-                reply.len(),
-                deltas.len()
-            )));
-        }
-        reply
-            .iter()
-            .map(|total| total.parse().map_err(|e| Error::Internal(format!("increment total {total}: {e}"))))
-            .collect()
+        Ok(totals)
     }
 
     /// The values of counter `name`'s buckets starting at `starts` (zero when
@@ -164,18 +194,32 @@ impl StatsStore {
         self.redis.query(redis::cmd("PFCOUNT").arg(keys)).await
     }
 
-    /// Appends the clock table around the service's now (stats_lib.lua).
-    fn clock_args(&self, call: &mut ScriptInvocation<'_>) -> Result<()> {
+    /// The clock table around the service's now (stats_lib.lua).
+    fn clock_table(&self) -> Result<ClockTable> {
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| Error::Internal(e.to_string()))?;
         let now = i64::try_from(now.as_millis()).map_err(|e| Error::Internal(e.to_string()))?;
-        let table = self.calendar.clock_table(now).map_err(|e| Error::Internal(format!("clock table: {e:?}")))?;
-        call.arg(table.day_starts.len()).arg(&table.day_starts);
-        call.arg(table.offsets.len());
-        for (from, offset) in &table.offsets {
-            call.arg(from).arg(offset);
-        }
+        self.calendar.clock_table(now).map_err(|e| Error::Internal(format!("clock table: {e:?}")))
+    }
+
+    /// Appends the clock table around the service's now.
+    fn clock_args(&self, call: &mut ScriptInvocation<'_>) -> Result<()> {
+        clock_args(call, &self.clock_table()?);
         Ok(())
     }
+}
+
+/// Appends a clock table to a script's arguments.
+fn clock_args(call: &mut ScriptInvocation<'_>, table: &ClockTable) {
+    call.arg(table.day_starts.len()).arg(&table.day_starts);
+    call.arg(table.offsets.len());
+    for (from, offset) in &table.offsets {
+        call.arg(from).arg(offset);
+    }
+}
+
+/// Increment's answer to a delta that would overflow its total.
+fn overflow(i: usize) -> Error {
+    Error::invalid(format!("deltas[{i}].amount"), "would take the total outside the int64 range")
 }
 
 /// Whole milliseconds, saturating.

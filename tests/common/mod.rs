@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::{
     collections::HashMap,
     net::TcpListener as StdListener,
@@ -58,7 +60,8 @@ impl RedisServer {
         Self::start_with(&["--requirepass", password], Some(password)).await
     }
 
-    async fn start_with(args: &[&str], password: Option<&str>) -> Self {
+    /// Starts redis-server with extra arguments (and the password they set).
+    pub async fn start_with(args: &[&str], password: Option<&str>) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = free_port();
         let args = args.iter().map(|a| a.to_string()).collect();
@@ -83,6 +86,19 @@ impl RedisServer {
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .expect("connect to test redis")
+    }
+
+    /// Like `client`, but `None` when the server does not answer.
+    pub async fn try_client(&self) -> Option<redis::aio::MultiplexedConnection> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)));
+        redis::Client::open(self.url()).ok()?.get_multiplexed_async_connection_with_config(&config).await.ok()
+    }
+
+    /// True unless `stop` killed it.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// Calls per command so far, from INFO commandstats (commands run inside
@@ -185,6 +201,17 @@ impl Drop for RedisServer {
     }
 }
 
+/// Anything the service can be pointed at with `--redis-url`.
+pub trait Target {
+    fn url(&self) -> String;
+}
+
+impl Target for RedisServer {
+    fn url(&self) -> String {
+        RedisServer::url(self)
+    }
+}
+
 /// The real service, in-process on a free port.
 pub struct TestServer {
     pub addr: std::net::SocketAddr,
@@ -198,31 +225,31 @@ static PREFIXES: AtomicUsize = AtomicUsize::new(0);
 
 impl TestServer {
     /// Starts the service against `redis` with default configuration.
-    pub async fn start(redis: &RedisServer) -> Self {
+    pub async fn start(redis: &impl Target) -> Self {
         Self::start_with(redis, &[]).await
     }
 
     /// Starts the service with extra flags, and waits until it is SERVING.
-    pub async fn start_with(redis: &RedisServer, flags: &[&str]) -> Self {
+    pub async fn start_with(redis: &impl Target, flags: &[&str]) -> Self {
         let server = Self::start_unchecked(redis, flags).await;
         server.wait_for_health("", ServingStatus::Serving).await;
         server
     }
 
     /// Starts the service without waiting for Redis.
-    pub async fn start_unchecked(redis: &RedisServer, flags: &[&str]) -> Self {
+    pub async fn start_unchecked(redis: &impl Target, flags: &[&str]) -> Self {
         let prefix = format!("t{}x{}", std::process::id(), PREFIXES.fetch_add(1, Ordering::Relaxed));
         Self::start_on(redis, &prefix, flags).await
     }
 
     /// A second instance sharing `other`'s Redis and key prefix.
-    pub async fn start_sibling(redis: &RedisServer, other: &TestServer) -> Self {
+    pub async fn start_sibling(redis: &impl Target, other: &TestServer) -> Self {
         let server = Self::start_on(redis, &other.prefix, &[]).await;
         server.wait_for_health("", ServingStatus::Serving).await;
         server
     }
 
-    async fn start_on(redis: &RedisServer, prefix: &str, flags: &[&str]) -> Self {
+    async fn start_on(redis: &impl Target, prefix: &str, flags: &[&str]) -> Self {
         let prefix = prefix.to_string();
         let url = redis.url();
         let mut args = vec!["cachecoord", "--key-prefix", &prefix, "--listen", "127.0.0.1:0"];

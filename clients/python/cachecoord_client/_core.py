@@ -2,7 +2,8 @@
 
 Each facade method builds an ``Op``: the stub method, the request, how to turn the response
 into Python values, and whether the RPC may be retried. The sync and async facades share the
-ops, so they cannot drift apart.
+ops, so they cannot drift apart. A call's deadline (its ``timeout=`` or the client's default)
+bounds the whole call, retries and their pauses included.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ class CallPolicy:
     #: First backoff in seconds; doubled each retry, with jitter.
     backoff: float = 0.05
 
-    def deadline(self, op: Op[Any], timeout: Optional[float]) -> float:
-        """The deadline for one attempt of op, in seconds from now."""
+    def budget(self, op: Op[Any], timeout: Optional[float]) -> float:
+        """Seconds the whole call (every attempt and pause) may take: the call's own
+        ``timeout`` when given, else the default plus any server-side wait op asks for."""
         return timeout if timeout is not None else self.timeout + op.server_wait
 
     def attempts(self, op: Op[Any]) -> int:
@@ -76,19 +78,19 @@ class SyncRunner:
         self.policy = policy
 
     def run(self, op: Op[T], timeout: Optional[float] = None) -> T:
-        """Calls op with its deadline, retrying if allowed; raises CachecoordError."""
+        """Calls op within its deadline, retrying if allowed; raises CachecoordError."""
         method = getattr(self.stubs[op.service], op.method)
         attempts = self.policy.attempts(op)
+        end = time.monotonic() + self.policy.budget(op, timeout)
         for attempt in range(1, attempts + 1):
-            deadline = self.policy.deadline(op, timeout)
-            started = time.monotonic()
             try:
-                response = method(op.request, timeout=deadline)
+                response = method(op.request, timeout=max(end - time.monotonic(), 0.0))
             except grpc.RpcError as err:
-                if attempt < attempts and _retryable(err):
-                    time.sleep(self.policy.pause(attempt))
+                pause = self.policy.pause(attempt)
+                if attempt < attempts and _retryable(err) and time.monotonic() + pause < end:
+                    time.sleep(pause)
                     continue
-                raise from_rpc_error(err, time.monotonic() - started >= deadline) from None
+                raise from_rpc_error(err, time.monotonic() >= end) from None
             return op.convert(response)
         raise AssertionError("unreachable")
 
@@ -101,18 +103,22 @@ class AsyncRunner:
         self.policy = policy
 
     async def run(self, op: Op[T], timeout: Optional[float] = None) -> T:
-        """Calls op with its deadline, retrying if allowed; raises CachecoordError."""
+        """Calls op within its deadline, retrying if allowed; raises CachecoordError.
+
+        Cancelling the awaiting task cancels the RPC in flight (grpc.aio sends RST_STREAM,
+        so the service stops waiting on the caller's behalf) and raises CancelledError.
+        """
         method = getattr(self.stubs[op.service], op.method)
         attempts = self.policy.attempts(op)
+        end = time.monotonic() + self.policy.budget(op, timeout)
         for attempt in range(1, attempts + 1):
-            deadline = self.policy.deadline(op, timeout)
-            started = time.monotonic()
             try:
-                response = await method(op.request, timeout=deadline)
+                response = await method(op.request, timeout=max(end - time.monotonic(), 0.0))
             except grpc.RpcError as err:
-                if attempt < attempts and _retryable(err):
-                    await asyncio.sleep(self.policy.pause(attempt))
+                pause = self.policy.pause(attempt)
+                if attempt < attempts and _retryable(err) and time.monotonic() + pause < end:
+                    await asyncio.sleep(pause)
                     continue
-                raise from_rpc_error(err, time.monotonic() - started >= deadline) from None
+                raise from_rpc_error(err, time.monotonic() >= end) from None
             return op.convert(response)
         raise AssertionError("unreachable")

@@ -14,7 +14,6 @@ from typing import (
     Callable,
     Dict,
     Iterable,
-
     Mapping,
     Optional,
     Sequence,
@@ -112,9 +111,7 @@ def op_set(
     condition = (
         pb.SET_CONDITION_IF_ABSENT
         if if_absent
-        else pb.SET_CONDITION_IF_PRESENT
-        if if_present
-        else pb.SET_CONDITION_UNSPECIFIED
+        else pb.SET_CONDITION_IF_PRESENT if if_present else pb.SET_CONDITION_UNSPECIFIED
     )
     req = pb.SetRequest(key=key, value=_bytes(value), ttl=cv.duration(ttl), condition=condition, tags=list(tags))
     # An unconditional write repeated is the same write; a conditional one may answer
@@ -210,18 +207,18 @@ class Cache:
     def __init__(self, runner: SyncRunner) -> None:
         self._run = runner.run
 
-    def get(self, key: str) -> Optional[bytes]:
+    def get(self, key: str, *, timeout: Optional[float] = None) -> Optional[bytes]:
         """The value under key, or None on a miss."""
-        entry = self._run(op_get(key))
+        entry = self._run(op_get(key), timeout)
         return entry.value if entry else None
 
-    def get_entry(self, key: str) -> Optional[Entry]:
+    def get_entry(self, key: str, *, timeout: Optional[float] = None) -> Optional[Entry]:
         """The entry (value and remaining TTL), or None on a miss."""
-        return self._run(op_get(key))
+        return self._run(op_get(key), timeout)
 
-    def get_many(self, keys: Sequence[str]) -> Dict[str, Optional[bytes]]:
+    def get_many(self, keys: Sequence[str], *, timeout: Optional[float] = None) -> Dict[str, Optional[bytes]]:
         """Values by key (None for misses), in one round trip."""
-        return self._run(op_get_many(keys))
+        return self._run(op_get_many(keys), timeout)
 
     def set(
         self,
@@ -232,42 +229,62 @@ class Cache:
         if_absent: bool = False,
         if_present: bool = False,
         tags: Iterable[str] = (),
+        timeout: Optional[float] = None,
     ) -> bool:
         """Writes value (str as UTF-8); ttl None means the server default. False when the
         condition did not hold."""
-        return self._run(op_set(key, value, ttl, if_absent, if_present, tags))
+        return self._run(op_set(key, value, ttl, if_absent, if_present, tags), timeout)
 
-    def set_many(self, items: Mapping[str, Value], ttl: Optional[cv.Seconds] = None, *, tags: Iterable[str] = ()) -> int:
+    def set_many(
+        self,
+        items: Mapping[str, Value],
+        ttl: Optional[cv.Seconds] = None,
+        *,
+        tags: Iterable[str] = (),
+        timeout: Optional[float] = None,
+    ) -> int:
         """Writes all items in one round trip; answers how many were written."""
-        return self._run(op_set_many(items, ttl, tags))
+        return self._run(op_set_many(items, ttl, tags), timeout)
 
-    def delete(self, *keys: str) -> int:
+    def delete(self, *keys: str, timeout: Optional[float] = None) -> int:
         """Deletes keys; answers how many had a live entry."""
-        return self._run(op_delete(keys))
+        return self._run(op_delete(keys), timeout)
 
-    def touch(self, key: str, ttl: cv.Seconds) -> bool:
+    def touch(self, key: str, ttl: cv.Seconds, *, timeout: Optional[float] = None) -> bool:
         """Gives an entry a new TTL; False when it does not exist."""
-        return self._run(op_touch(key, ttl))
+        return self._run(op_touch(key, ttl), timeout)
 
     def fetch(
-        self, key: str, *, fill_timeout: Optional[cv.Seconds] = None, max_wait: Optional[cv.Seconds] = None
+        self,
+        key: str,
+        *,
+        fill_timeout: Optional[cv.Seconds] = None,
+        max_wait: Optional[cv.Seconds] = None,
+        timeout: Optional[float] = None,
     ) -> FetchResult:
         """The stampede-safe read (see ``cached`` for the usual way to use it)."""
-        return self._run(op_fetch(key, fill_timeout, max_wait))
+        return self._run(op_fetch(key, fill_timeout, max_wait), timeout)
 
     def fill(
-        self, key: str, fill_token: str, value: Value, ttl: Optional[cv.Seconds] = None, *, tags: Iterable[str] = ()
+        self,
+        key: str,
+        fill_token: str,
+        value: Value,
+        ttl: Optional[cv.Seconds] = None,
+        *,
+        tags: Iterable[str] = (),
+        timeout: Optional[float] = None,
     ) -> bool:
         """Stores a value under a fill lease; False when the lease is no longer current."""
-        return self._run(op_fill(key, fill_token, value, ttl, tags))
+        return self._run(op_fill(key, fill_token, value, ttl, tags), timeout)
 
-    def abandon_fill(self, key: str, fill_token: str) -> bool:
+    def abandon_fill(self, key: str, fill_token: str, *, timeout: Optional[float] = None) -> bool:
         """Hands a fill lease back so a waiter gets it at once."""
-        return self._run(op_abandon_fill(key, fill_token))
+        return self._run(op_abandon_fill(key, fill_token), timeout)
 
-    def invalidate_tags(self, *tags: str) -> int:
+    def invalidate_tags(self, *tags: str, timeout: Optional[float] = None) -> int:
         """Deletes every entry carrying any of tags; answers how many."""
-        return self._run(op_invalidate_tags(tags))
+        return self._run(op_invalidate_tags(tags), timeout)
 
     def cached(
         self,
@@ -278,6 +295,7 @@ class Cache:
         serializer: Serializer = JSON,
         fill_timeout: Optional[cv.Seconds] = None,
         max_wait: Optional[cv.Seconds] = None,
+        timeout: Optional[float] = None,
     ) -> Callable[[F], F]:
         """Decorator: caches a function's result under ``key``, stampede-safe.
 
@@ -287,7 +305,8 @@ class Cache:
         concurrent callers wait for it server-side. If the function raises, the lease is
         handed back (AbandonFill) so a waiter can compute at once, and the exception
         propagates. If another caller's fill does not land within ``max_wait``, the
-        function runs without caching its result.
+        function runs without caching its result. ``timeout`` is the deadline of each of
+        its calls to the service (a waiter answers just before it).
         """
         tag_list = list(tags)
 
@@ -299,7 +318,7 @@ class Cache:
             @functools.wraps(func)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 k = build_key(*args, **kwargs)
-                r = self.fetch(k, fill_timeout=fill_timeout, max_wait=max_wait)
+                r = self.fetch(k, fill_timeout=fill_timeout, max_wait=max_wait, timeout=timeout)
                 if r.hit:
                     return serializer.loads(r.value)
                 if r.timeout:
@@ -308,9 +327,9 @@ class Cache:
                     result = func(*args, **kwargs)
                     data = serializer.dumps(result)
                 except BaseException:
-                    _quietly(lambda: self.abandon_fill(k, r.fill_token))
+                    _quietly(lambda: self.abandon_fill(k, r.fill_token, timeout=timeout))
                     raise
-                self.fill(k, r.fill_token, data, ttl, tags=tag_list)
+                self.fill(k, r.fill_token, data, ttl, tags=tag_list, timeout=timeout)
                 return result
 
             return wrapper  # type: ignore[return-value]
@@ -324,18 +343,18 @@ class AsyncCache:
     def __init__(self, runner: AsyncRunner) -> None:
         self._run = runner.run
 
-    async def get(self, key: str) -> Optional[bytes]:
+    async def get(self, key: str, *, timeout: Optional[float] = None) -> Optional[bytes]:
         """See ``Cache.get``."""
-        entry = await self._run(op_get(key))
+        entry = await self._run(op_get(key), timeout)
         return entry.value if entry else None
 
-    async def get_entry(self, key: str) -> Optional[Entry]:
+    async def get_entry(self, key: str, *, timeout: Optional[float] = None) -> Optional[Entry]:
         """See ``Cache.get_entry``."""
-        return await self._run(op_get(key))
+        return await self._run(op_get(key), timeout)
 
-    async def get_many(self, keys: Sequence[str]) -> Dict[str, Optional[bytes]]:
+    async def get_many(self, keys: Sequence[str], *, timeout: Optional[float] = None) -> Dict[str, Optional[bytes]]:
         """See ``Cache.get_many``."""
-        return await self._run(op_get_many(keys))
+        return await self._run(op_get_many(keys), timeout)
 
     async def set(
         self,
@@ -346,43 +365,61 @@ class AsyncCache:
         if_absent: bool = False,
         if_present: bool = False,
         tags: Iterable[str] = (),
+        timeout: Optional[float] = None,
     ) -> bool:
         """See ``Cache.set``."""
-        return await self._run(op_set(key, value, ttl, if_absent, if_present, tags))
+        return await self._run(op_set(key, value, ttl, if_absent, if_present, tags), timeout)
 
     async def set_many(
-        self, items: Mapping[str, Value], ttl: Optional[cv.Seconds] = None, *, tags: Iterable[str] = ()
+        self,
+        items: Mapping[str, Value],
+        ttl: Optional[cv.Seconds] = None,
+        *,
+        tags: Iterable[str] = (),
+        timeout: Optional[float] = None,
     ) -> int:
         """See ``Cache.set_many``."""
-        return await self._run(op_set_many(items, ttl, tags))
+        return await self._run(op_set_many(items, ttl, tags), timeout)
 
-    async def delete(self, *keys: str) -> int:
+    async def delete(self, *keys: str, timeout: Optional[float] = None) -> int:
         """See ``Cache.delete``."""
-        return await self._run(op_delete(keys))
+        return await self._run(op_delete(keys), timeout)
 
-    async def touch(self, key: str, ttl: cv.Seconds) -> bool:
+    async def touch(self, key: str, ttl: cv.Seconds, *, timeout: Optional[float] = None) -> bool:
         """See ``Cache.touch``."""
-        return await self._run(op_touch(key, ttl))
+        return await self._run(op_touch(key, ttl), timeout)
 
     async def fetch(
-        self, key: str, *, fill_timeout: Optional[cv.Seconds] = None, max_wait: Optional[cv.Seconds] = None
+        self,
+        key: str,
+        *,
+        fill_timeout: Optional[cv.Seconds] = None,
+        max_wait: Optional[cv.Seconds] = None,
+        timeout: Optional[float] = None,
     ) -> FetchResult:
         """See ``Cache.fetch``."""
-        return await self._run(op_fetch(key, fill_timeout, max_wait))
+        return await self._run(op_fetch(key, fill_timeout, max_wait), timeout)
 
     async def fill(
-        self, key: str, fill_token: str, value: Value, ttl: Optional[cv.Seconds] = None, *, tags: Iterable[str] = ()
+        self,
+        key: str,
+        fill_token: str,
+        value: Value,
+        ttl: Optional[cv.Seconds] = None,
+        *,
+        tags: Iterable[str] = (),
+        timeout: Optional[float] = None,
     ) -> bool:
         """See ``Cache.fill``."""
-        return await self._run(op_fill(key, fill_token, value, ttl, tags))
+        return await self._run(op_fill(key, fill_token, value, ttl, tags), timeout)
 
-    async def abandon_fill(self, key: str, fill_token: str) -> bool:
+    async def abandon_fill(self, key: str, fill_token: str, *, timeout: Optional[float] = None) -> bool:
         """See ``Cache.abandon_fill``."""
-        return await self._run(op_abandon_fill(key, fill_token))
+        return await self._run(op_abandon_fill(key, fill_token), timeout)
 
-    async def invalidate_tags(self, *tags: str) -> int:
+    async def invalidate_tags(self, *tags: str, timeout: Optional[float] = None) -> int:
         """See ``Cache.invalidate_tags``."""
-        return await self._run(op_invalidate_tags(tags))
+        return await self._run(op_invalidate_tags(tags), timeout)
 
     def cached(
         self,
@@ -393,6 +430,7 @@ class AsyncCache:
         serializer: Serializer = JSON,
         fill_timeout: Optional[cv.Seconds] = None,
         max_wait: Optional[cv.Seconds] = None,
+        timeout: Optional[float] = None,
     ) -> Callable[[F], F]:
         """See ``Cache.cached``; decorates ``async def`` functions."""
         tag_list = list(tags)
@@ -405,7 +443,7 @@ class AsyncCache:
             @functools.wraps(func)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 k = build_key(*args, **kwargs)
-                r = await self.fetch(k, fill_timeout=fill_timeout, max_wait=max_wait)
+                r = await self.fetch(k, fill_timeout=fill_timeout, max_wait=max_wait, timeout=timeout)
                 if r.hit:
                     return serializer.loads(r.value)
                 if r.timeout:
@@ -414,9 +452,9 @@ class AsyncCache:
                     result = await func(*args, **kwargs)
                     data = serializer.dumps(result)
                 except BaseException:
-                    await _aquietly(self.abandon_fill(k, r.fill_token))
+                    await _aquietly(self.abandon_fill(k, r.fill_token, timeout=timeout))
                     raise
-                await self.fill(k, r.fill_token, data, ttl, tags=tag_list)
+                await self.fill(k, r.fill_token, data, ttl, tags=tag_list, timeout=timeout)
                 return result
 
             return wrapper  # type: ignore[return-value]

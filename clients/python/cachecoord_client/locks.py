@@ -15,7 +15,7 @@ import grpc
 from . import _convert as cv
 from ._core import AsyncRunner, Op, SyncRunner
 from ._proto.cachecoord.v1 import lock_pb2 as pb
-from .errors import LockLost, LockNotAcquired, from_rpc_error
+from .errors import DeadlineExceeded, LockLost, LockNotAcquired, from_rpc_error
 
 
 @dataclass
@@ -105,7 +105,7 @@ def _lease_from_hold(name: str, r: Any, sent: float) -> Lease:
 class _SyncHold:
     """One Hold stream: the service renews the lease until ``close`` half-closes it."""
 
-    def __init__(self, stub: Any, name: str, req: Any, timeout: Optional[float]) -> None:
+    def __init__(self, stub: Any, name: str, req: Any, first_timeout: float) -> None:
         self._closing = threading.Event()
         self._ended = threading.Event()
 
@@ -115,15 +115,29 @@ class _SyncHold:
             self._closing.wait()
 
         sent = time.monotonic()
-        self._call = stub.Hold(requests(), timeout=timeout)
+        # No deadline on the call: it would bound the whole hold. Only the wait for the
+        # first answer is bounded, by cancelling the call when it runs out (the service
+        # then gives up the wait, or releases a lock it granted just then).
+        self._call = stub.Hold(requests())
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            self._call.cancel()
+
+        timer = threading.Timer(first_timeout, expire)
+        timer.daemon = True
+        timer.start()
         try:
             first = next(self._call)
         except grpc.RpcError as err:
             self._closing.set()
-            raise from_rpc_error(err) from None
+            raise from_rpc_error(err, expired.is_set()) from None
         except StopIteration:
             self._closing.set()
             raise LockLost(f"lock {name!r}: Hold stream ended before answering") from None
+        finally:
+            timer.cancel()
         if first.event != pb.HOLD_EVENT_ACQUIRED:
             self._closing.set()
             self.lease: Optional[Lease] = None
@@ -162,27 +176,33 @@ class Locks:
         self._run = runner.run
 
     def acquire(
-        self, name: str, ttl: Optional[cv.Seconds] = None, *, wait: Optional[cv.Seconds] = None, owner: str = ""
+        self,
+        name: str,
+        ttl: Optional[cv.Seconds] = None,
+        *,
+        wait: Optional[cv.Seconds] = None,
+        owner: str = "",
+        timeout: Optional[float] = None,
     ) -> Optional[Lease]:
         """Takes the lock (waiting up to ``wait`` server-side); None when it stayed held."""
-        return self._run(op_acquire(name, ttl, wait, owner))
+        return self._run(op_acquire(name, ttl, wait, owner), timeout)
 
-    def release(self, lease: Lease) -> bool:
+    def release(self, lease: Lease, *, timeout: Optional[float] = None) -> bool:
         """Releases a lease; False when it was no longer held."""
-        return self._run(op_release(lease.name, lease.lease_id))
+        return self._run(op_release(lease.name, lease.lease_id), timeout)
 
-    def extend(self, lease: Lease, ttl: Optional[cv.Seconds] = None) -> bool:
+    def extend(self, lease: Lease, ttl: Optional[cv.Seconds] = None, *, timeout: Optional[float] = None) -> bool:
         """Resets the lease to expire ttl from now; False when it was no longer held."""
         sent = time.monotonic()
-        valid_for = self._run(op_extend(lease.name, lease.lease_id, ttl))
+        valid_for = self._run(op_extend(lease.name, lease.lease_id, ttl), timeout)
         if valid_for is None:
             return False
         lease.valid_for, lease.valid_until = valid_for, sent + valid_for.total_seconds()
         return True
 
-    def inspect(self, name: str) -> LockInfo:
+    def inspect(self, name: str, *, timeout: Optional[float] = None) -> LockInfo:
         """Who holds the lock."""
-        return self._run(op_inspect(name))
+        return self._run(op_inspect(name), timeout)
 
     @contextlib.contextmanager
     def lock(
@@ -193,6 +213,7 @@ class Locks:
         wait: Optional[cv.Seconds] = None,
         owner: str = "",
         auto_renew: bool = False,
+        timeout: Optional[float] = None,
     ) -> Iterator[Lease]:
         """``with client.locks.lock("device:123:update", ttl=30, wait=5) as lease:``
 
@@ -201,12 +222,13 @@ class Locks:
         before the release, so the block may have overlapped another holder.
         With ``auto_renew=True`` the lock is held through a Hold stream that the service
         renews every ttl/3 until the block ends; ``lease.lost`` turns True if it is lost.
+        ``timeout`` bounds taking the lock (default: the client's timeout plus ``wait``) and
+        releasing it (default: the client's timeout), not the block.
         """
         if auto_renew:
             policy = self._runner.policy
-            hold = _SyncHold(
-                self._runner.stubs["locks"], name, _hold_request(name, ttl, wait, owner), timeout=None
-            )
+            first = timeout if timeout is not None else policy.timeout + _seconds(wait)
+            hold = _SyncHold(self._runner.stubs["locks"], name, _hold_request(name, ttl, wait, owner), first)
             if hold.lease is None:
                 raise LockNotAcquired(name)
             ok = False
@@ -214,20 +236,20 @@ class Locks:
                 yield hold.lease
                 ok = True
             finally:
-                hold.close(policy.timeout)
+                hold.close(timeout if timeout is not None else policy.timeout)
             if ok and hold.lease.lost:
                 raise LockLost(f"lock {name!r} was lost while held")
             return
-        lease = self.acquire(name, ttl, wait=wait, owner=owner)
+        lease = self.acquire(name, ttl, wait=wait, owner=owner, timeout=timeout)
         if lease is None:
             raise LockNotAcquired(name)
         try:
             yield lease
         except BaseException:
             with contextlib.suppress(Exception):
-                self.release(lease)
+                self.release(lease, timeout=timeout)
             raise
-        if not self.release(lease):
+        if not self.release(lease, timeout=timeout):
             raise LockLost(f"lock {name!r}: the lease expired before it was released")
 
 
@@ -243,12 +265,28 @@ class _AsyncHold:
             self._task = asyncio.ensure_future(self._watch(lease))
 
     @classmethod
-    async def open(cls, stub: Any, name: str, req: Any) -> "_AsyncHold":
+    async def open(cls, stub: Any, name: str, req: Any, first_timeout: float) -> "_AsyncHold":
+        # No deadline on the call (it would bound the whole hold); only the wait for the
+        # first answer is bounded. A timeout or a cancelled task cancels the call, and the
+        # service then gives up the wait (or releases a lock it granted just then).
         call = stub.Hold()
         sent = time.monotonic()
-        try:
+
+        async def first_answer() -> Any:
             await call.write(req)
-            first = await call.read()
+            return await call.read()
+
+        try:
+            first = await asyncio.wait_for(first_answer(), first_timeout)
+        except asyncio.TimeoutError:
+            call.cancel()
+            raise DeadlineExceeded(
+                f"DEADLINE_EXCEEDED: lock {name!r}: no answer within {first_timeout:g}s",
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            ) from None
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
         if first is grpc.aio.EOF:
@@ -297,27 +335,33 @@ class AsyncLocks:
         self._run = runner.run
 
     async def acquire(
-        self, name: str, ttl: Optional[cv.Seconds] = None, *, wait: Optional[cv.Seconds] = None, owner: str = ""
+        self,
+        name: str,
+        ttl: Optional[cv.Seconds] = None,
+        *,
+        wait: Optional[cv.Seconds] = None,
+        owner: str = "",
+        timeout: Optional[float] = None,
     ) -> Optional[Lease]:
         """See ``Locks.acquire``."""
-        return await self._run(op_acquire(name, ttl, wait, owner))
+        return await self._run(op_acquire(name, ttl, wait, owner), timeout)
 
-    async def release(self, lease: Lease) -> bool:
+    async def release(self, lease: Lease, *, timeout: Optional[float] = None) -> bool:
         """See ``Locks.release``."""
-        return await self._run(op_release(lease.name, lease.lease_id))
+        return await self._run(op_release(lease.name, lease.lease_id), timeout)
 
-    async def extend(self, lease: Lease, ttl: Optional[cv.Seconds] = None) -> bool:
+    async def extend(self, lease: Lease, ttl: Optional[cv.Seconds] = None, *, timeout: Optional[float] = None) -> bool:
         """See ``Locks.extend``."""
         sent = time.monotonic()
-        valid_for = await self._run(op_extend(lease.name, lease.lease_id, ttl))
+        valid_for = await self._run(op_extend(lease.name, lease.lease_id, ttl), timeout)
         if valid_for is None:
             return False
         lease.valid_for, lease.valid_until = valid_for, sent + valid_for.total_seconds()
         return True
 
-    async def inspect(self, name: str) -> LockInfo:
+    async def inspect(self, name: str, *, timeout: Optional[float] = None) -> LockInfo:
         """See ``Locks.inspect``."""
-        return await self._run(op_inspect(name))
+        return await self._run(op_inspect(name), timeout)
 
     @contextlib.asynccontextmanager
     async def lock(
@@ -328,10 +372,15 @@ class AsyncLocks:
         wait: Optional[cv.Seconds] = None,
         owner: str = "",
         auto_renew: bool = False,
+        timeout: Optional[float] = None,
     ) -> AsyncIterator[Lease]:
         """See ``Locks.lock``."""
         if auto_renew:
-            hold = await _AsyncHold.open(self._runner.stubs["locks"], name, _hold_request(name, ttl, wait, owner))
+            policy = self._runner.policy
+            first = timeout if timeout is not None else policy.timeout + _seconds(wait)
+            hold = await _AsyncHold.open(
+                self._runner.stubs["locks"], name, _hold_request(name, ttl, wait, owner), first
+            )
             if hold.lease is None:
                 raise LockNotAcquired(name)
             ok = False
@@ -339,18 +388,18 @@ class AsyncLocks:
                 yield hold.lease
                 ok = True
             finally:
-                await hold.close(self._runner.policy.timeout)
+                await hold.close(timeout if timeout is not None else policy.timeout)
             if ok and hold.lease.lost:
                 raise LockLost(f"lock {name!r} was lost while held")
             return
-        lease = await self.acquire(name, ttl, wait=wait, owner=owner)
+        lease = await self.acquire(name, ttl, wait=wait, owner=owner, timeout=timeout)
         if lease is None:
             raise LockNotAcquired(name)
         try:
             yield lease
         except BaseException:
             with contextlib.suppress(Exception):
-                await self.release(lease)
+                await self.release(lease, timeout=timeout)
             raise
-        if not await self.release(lease):
+        if not await self.release(lease, timeout=timeout):
             raise LockLost(f"lock {name!r}: the lease expired before it was released")

@@ -131,17 +131,20 @@ class RateLimits:
         burst: Optional[int] = None,
         cost: int = 1,
         peek: bool = False,
+        timeout: Optional[float] = None,
     ) -> RateLimitResult:
         """Checks (and unless peek, consumes) ``cost`` against one limit."""
-        return self._run(op_check([Limit(key, limit, period, algorithm, burst)], cost, peek))
+        return self._run(op_check([Limit(key, limit, period, algorithm, burst)], cost, peek), timeout)
 
-    def check_all(self, limits: Sequence[Limit], *, cost: int = 1, peek: bool = False) -> RateLimitResult:
+    def check_all(
+        self, limits: Sequence[Limit], *, cost: int = 1, peek: bool = False, timeout: Optional[float] = None
+    ) -> RateLimitResult:
         """Checks several limits at once, all-or-nothing."""
-        return self._run(op_check(limits, cost, peek))
+        return self._run(op_check(limits, cost, peek), timeout)
 
-    def reset(self, *keys: str) -> int:
+    def reset(self, *keys: str, timeout: Optional[float] = None) -> int:
         """Clears keys' state; answers how many had state."""
-        return self._run(op_reset(keys))
+        return self._run(op_reset(keys), timeout)
 
 
 class AsyncRateLimits:
@@ -160,14 +163,17 @@ class AsyncRateLimits:
         burst: Optional[int] = None,
         cost: int = 1,
         peek: bool = False,
+        timeout: Optional[float] = None,
     ) -> RateLimitResult:
         """See ``RateLimits.check``."""
-        return await self._run(op_check([Limit(key, limit, period, algorithm, burst)], cost, peek))
+        return await self._run(op_check([Limit(key, limit, period, algorithm, burst)], cost, peek), timeout)
 
-    async def check_all(self, limits: Sequence[Limit], *, cost: int = 1, peek: bool = False) -> RateLimitResult:
+    async def check_all(
+        self, limits: Sequence[Limit], *, cost: int = 1, peek: bool = False, timeout: Optional[float] = None
+    ) -> RateLimitResult:
         """See ``RateLimits.check_all``."""
-        return await self._run(op_check(limits, cost, peek))
+        return await self._run(op_check(limits, cost, peek), timeout)
 
-    async def reset(self, *keys: str) -> int:
+    async def reset(self, *keys: str, timeout: Optional[float] = None) -> int:
         """See ``RateLimits.reset``."""
-        return await self._run(op_reset(keys))
+        return await self._run(op_reset(keys), timeout)

@@ -98,45 +98,56 @@ class Sessions:
     def __init__(self, runner: SyncRunner) -> None:
         self._run = runner.run
 
-    def create(self, user_id: str, data: Optional[Dict[str, Any]] = None, ttl: Optional[cv.Seconds] = None) -> Session:
+    def create(
+        self,
+        user_id: str,
+        data: Optional[Dict[str, Any]] = None,
+        ttl: Optional[cv.Seconds] = None,
+        *,
+        timeout: Optional[float] = None,
+    ) -> Session:
         """Starts a session; ttl is the idle timeout (None: the server default)."""
-        return self._run(op_create(user_id, data, ttl))
+        return self._run(op_create(user_id, data, ttl), timeout)
 
-    def get(self, session_id: str, *, touch: bool = False) -> Optional[Session]:
+    def get(self, session_id: str, *, touch: bool = False, timeout: Optional[float] = None) -> Optional[Session]:
         """The session, or None; touch=True slides its idle timeout too."""
-        return self._run(op_get(session_id, touch))
+        return self._run(op_get(session_id, touch), timeout)
 
-    def touch(self, session_id: str, ttl: Optional[cv.Seconds] = None) -> Optional[Session]:
+    def touch(
+        self, session_id: str, ttl: Optional[cv.Seconds] = None, *, timeout: Optional[float] = None
+    ) -> Optional[Session]:
         """Slides the idle timeout (optionally a new one); None when not found."""
-        return self._run(op_touch(session_id, ttl))
+        return self._run(op_touch(session_id, ttl), timeout)
 
-    def update(self, session_id: str, data: Dict[str, Any], *, merge: bool = False) -> Optional[Session]:
+    def update(
+        self, session_id: str, data: Dict[str, Any], *, merge: bool = False, timeout: Optional[float] = None
+    ) -> Optional[Session]:
         """Replaces the data, or merges top-level fields atomically; None when not found."""
-        return self._run(op_update(session_id, data, merge))
+        return self._run(op_update(session_id, data, merge), timeout)
 
-    def delete(self, session_id: str) -> bool:
+    def delete(self, session_id: str, *, timeout: Optional[float] = None) -> bool:
         """Deletes a session; False when it did not exist."""
-        return self._run(op_delete(session_id))
+        return self._run(op_delete(session_id), timeout)
 
-    def list_for_user(self, user_id: str) -> List[Session]:
+    def list_for_user(self, user_id: str, *, timeout: Optional[float] = None) -> List[Session]:
         """A user's live sessions, newest first."""
-        return self._run(op_list(user_id))
+        return self._run(op_list(user_id), timeout)
 
-    def delete_for_user(self, user_id: str, *, keep: Optional[str] = None) -> int:
+    def delete_for_user(self, user_id: str, *, keep: Optional[str] = None, timeout: Optional[float] = None) -> int:
         """Deletes a user's sessions, except ``keep``; answers how many."""
-        return self._run(op_delete_for_user(user_id, keep))
+        return self._run(op_delete_for_user(user_id, keep), timeout)
 
-    def revoke_token(self, token: str, expires_at: datetime) -> bool:
+    def revoke_token(self, token: str, expires_at: datetime, *, timeout: Optional[float] = None) -> bool:
         """Denylists a token until it expires anyway; False when expires_at is past."""
-        return self._run(op_revoke(token, expires_at))
+        return self._run(op_revoke(token, expires_at), timeout)
 
-    def is_revoked(self, token: str) -> bool:
+    def is_revoked(self, token: str, *, timeout: Optional[float] = None) -> bool:
         """Whether one token is revoked."""
-        return self._run(op_check([token]))[0]
+        return self._run(op_check([token]), timeout)[0]
 
-    def check_tokens(self, tokens: Sequence[str]) -> List[bool]:
+    def check_tokens(self, tokens: Sequence[str], *, timeout: Optional[float] = None) -> List[bool]:
         """Revoked flags for tokens, in order, in one round trip."""
-        return self._run(op_check(tokens))
+        return self._run(op_check(tokens), timeout)
 
 
 class AsyncSessions:
@@ -146,43 +157,54 @@ class AsyncSessions:
         self._run = runner.run
 
     async def create(
-        self, user_id: str, data: Optional[Dict[str, Any]] = None, ttl: Optional[cv.Seconds] = None
+        self,
+        user_id: str,
+        data: Optional[Dict[str, Any]] = None,
+        ttl: Optional[cv.Seconds] = None,
+        *,
+        timeout: Optional[float] = None,
     ) -> Session:
         """See ``Sessions.create``."""
-        return await self._run(op_create(user_id, data, ttl))
+        return await self._run(op_create(user_id, data, ttl), timeout)
 
-    async def get(self, session_id: str, *, touch: bool = False) -> Optional[Session]:
+    async def get(self, session_id: str, *, touch: bool = False, timeout: Optional[float] = None) -> Optional[Session]:
         """See ``Sessions.get``."""
-        return await self._run(op_get(session_id, touch))
+        return await self._run(op_get(session_id, touch), timeout)
 
-    async def touch(self, session_id: str, ttl: Optional[cv.Seconds] = None) -> Optional[Session]:
+    async def touch(
+        self, session_id: str, ttl: Optional[cv.Seconds] = None, *, timeout: Optional[float] = None
+    ) -> Optional[Session]:
         """See ``Sessions.touch``."""
-        return await self._run(op_touch(session_id, ttl))
+        return await self._run(op_touch(session_id, ttl), timeout)
 
-    async def update(self, session_id: str, data: Dict[str, Any], *, merge: bool = False) -> Optional[Session]:
+    async def update(
+        self, session_id: str, data: Dict[str, Any], *, merge: bool = False, timeout: Optional[float] = None
+    ) -> Optional[Session]:
         """See ``Sessions.update``."""
-        return await self._run(op_update(session_id, data, merge))
+        return await self._run(op_update(session_id, data, merge), timeout)
 
-    async def delete(self, session_id: str) -> bool:
+    async def delete(self, session_id: str, *, timeout: Optional[float] = None) -> bool:
         """See ``Sessions.delete``."""
-        return await self._run(op_delete(session_id))
+        return await self._run(op_delete(session_id), timeout)
 
-    async def list_for_user(self, user_id: str) -> List[Session]:
+    async def list_for_user(self, user_id: str, *, timeout: Optional[float] = None) -> List[Session]:
         """See ``Sessions.list_for_user``."""
-        return await self._run(op_list(user_id))
+        return await self._run(op_list(user_id), timeout)
 
-    async def delete_for_user(self, user_id: str, *, keep: Optional[str] = None) -> int:
+    async def delete_for_user(
+        self, user_id: str, *, keep: Optional[str] = None, timeout: Optional[float] = None
+    ) -> int:
         """See ``Sessions.delete_for_user``."""
-        return await self._run(op_delete_for_user(user_id, keep))
+        return await self._run(op_delete_for_user(user_id, keep), timeout)
 
-    async def revoke_token(self, token: str, expires_at: datetime) -> bool:
+    async def revoke_token(self, token: str, expires_at: datetime, *, timeout: Optional[float] = None) -> bool:
         """See ``Sessions.revoke_token``."""
-        return await self._run(op_revoke(token, expires_at))
+        return await self._run(op_revoke(token, expires_at), timeout)
 
-    async def is_revoked(self, token: str) -> bool:
+    async def is_revoked(self, token: str, *, timeout: Optional[float] = None) -> bool:
         """See ``Sessions.is_revoked``."""
-        return (await self._run(op_check([token])))[0]
+        return (await self._run(op_check([token]), timeout))[0]
 
-    async def check_tokens(self, tokens: Sequence[str]) -> List[bool]:
+    async def check_tokens(self, tokens: Sequence[str], *, timeout: Optional[float] = None) -> List[bool]:
         """See ``Sessions.check_tokens``."""
-        return await self._run(op_check(tokens))
+        return await self._run(op_check(tokens), timeout)

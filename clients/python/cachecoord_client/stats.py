@@ -113,13 +113,13 @@ class Stats:
     def __init__(self, runner: SyncRunner) -> None:
         self._run = runner.run
 
-    def increment(self, name: str, amount: int = 1) -> int:
+    def increment(self, name: str, amount: int = 1, *, timeout: Optional[float] = None) -> int:
         """Adds amount to a counter; answers its new all-time total."""
-        return self._run(op_increment([(name, amount)]))[0]
+        return self._run(op_increment([(name, amount)]), timeout)[0]
 
-    def increment_many(self, deltas: Deltas) -> List[int]:
+    def increment_many(self, deltas: Deltas, *, timeout: Optional[float] = None) -> List[int]:
         """Applies many deltas atomically in one round trip; answers the totals in order."""
-        return self._run(op_increment(_pairs(deltas)))
+        return self._run(op_increment(_pairs(deltas)), timeout)
 
     def series(
         self,
@@ -129,31 +129,34 @@ class Stats:
         last: Optional[int] = None,
         start: Optional[datetime] = None,
         end: Optional[datetime] = None,
+        timeout: Optional[float] = None,
     ) -> Series:
         """A counter's buckets: ``series("api:/users", "day", last=7)`` is the last 7 days
         (today included); or give ``start`` and ``end`` (default now)."""
         s, e = _range(granularity, start, end, last)
-        return self._run(op_series(name, granularity, s, e))
+        return self._run(op_series(name, granularity, s, e), timeout)
 
-    def totals(self, *names: str) -> Dict[str, int]:
+    def totals(self, *names: str, timeout: Optional[float] = None) -> Dict[str, int]:
         """All-time totals by name."""
-        return self._run(op_totals(names))
+        return self._run(op_totals(names), timeout)
 
-    def mark_active(self, group: str, member: str) -> None:
+    def mark_active(self, group: str, member: str, *, timeout: Optional[float] = None) -> None:
         """Records member as seen now in group."""
-        self._run(op_mark_active(group, member))
+        self._run(op_mark_active(group, member), timeout)
 
-    def count_active(self, group: str, window: cv.Seconds) -> int:
+    def count_active(self, group: str, window: cv.Seconds, *, timeout: Optional[float] = None) -> int:
         """How many members of group were seen within window."""
-        return self._run(op_count_active(group, window))
+        return self._run(op_count_active(group, window), timeout)
 
-    def add_unique(self, name: str, *members: str) -> bool:
+    def add_unique(self, name: str, *members: str, timeout: Optional[float] = None) -> bool:
         """Adds members to today's unique set; True when the estimate changed."""
-        return self._run(op_add_unique(name, members))
+        return self._run(op_add_unique(name, members), timeout)
 
-    def count_unique(self, name: str, start: datetime, end: Optional[datetime] = None) -> int:
+    def count_unique(
+        self, name: str, start: datetime, end: Optional[datetime] = None, *, timeout: Optional[float] = None
+    ) -> int:
         """Estimated distinct members over the days from start to end (default now)."""
-        return self._run(op_count_unique(name, start, end or datetime.now(timezone.utc)))
+        return self._run(op_count_unique(name, start, end or datetime.now(timezone.utc)), timeout)
 
 
 class AsyncStats:
@@ -162,13 +165,13 @@ class AsyncStats:
     def __init__(self, runner: AsyncRunner) -> None:
         self._run = runner.run
 
-    async def increment(self, name: str, amount: int = 1) -> int:
+    async def increment(self, name: str, amount: int = 1, *, timeout: Optional[float] = None) -> int:
         """See ``Stats.increment``."""
-        return (await self._run(op_increment([(name, amount)])))[0]
+        return (await self._run(op_increment([(name, amount)]), timeout))[0]
 
-    async def increment_many(self, deltas: Deltas) -> List[int]:
+    async def increment_many(self, deltas: Deltas, *, timeout: Optional[float] = None) -> List[int]:
         """See ``Stats.increment_many``."""
-        return await self._run(op_increment(_pairs(deltas)))
+        return await self._run(op_increment(_pairs(deltas)), timeout)
 
     async def series(
         self,
@@ -178,30 +181,33 @@ class AsyncStats:
         last: Optional[int] = None,
         start: Optional[datetime] = None,
         end: Optional[datetime] = None,
+        timeout: Optional[float] = None,
     ) -> Series:
         """See ``Stats.series``."""
         s, e = _range(granularity, start, end, last)
-        return await self._run(op_series(name, granularity, s, e))
+        return await self._run(op_series(name, granularity, s, e), timeout)
 
-    async def totals(self, *names: str) -> Dict[str, int]:
+    async def totals(self, *names: str, timeout: Optional[float] = None) -> Dict[str, int]:
         """See ``Stats.totals``."""
-        return await self._run(op_totals(names))
+        return await self._run(op_totals(names), timeout)
 
-    async def mark_active(self, group: str, member: str) -> None:
+    async def mark_active(self, group: str, member: str, *, timeout: Optional[float] = None) -> None:
         """See ``Stats.mark_active``."""
-        await self._run(op_mark_active(group, member))
+        await self._run(op_mark_active(group, member), timeout)
 
-    async def count_active(self, group: str, window: cv.Seconds) -> int:
+    async def count_active(self, group: str, window: cv.Seconds, *, timeout: Optional[float] = None) -> int:
         """See ``Stats.count_active``."""
-        return await self._run(op_count_active(group, window))
+        return await self._run(op_count_active(group, window), timeout)
 
-    async def add_unique(self, name: str, *members: str) -> bool:
+    async def add_unique(self, name: str, *members: str, timeout: Optional[float] = None) -> bool:
         """See ``Stats.add_unique``."""
-        return await self._run(op_add_unique(name, members))
+        return await self._run(op_add_unique(name, members), timeout)
 
-    async def count_unique(self, name: str, start: datetime, end: Optional[datetime] = None) -> int:
+    async def count_unique(
+        self, name: str, start: datetime, end: Optional[datetime] = None, *, timeout: Optional[float] = None
+    ) -> int:
         """See ``Stats.count_unique``."""
-        return await self._run(op_count_unique(name, start, end or datetime.now(timezone.utc)))
+        return await self._run(op_count_unique(name, start, end or datetime.now(timezone.utc)), timeout)
 
 
 __all__ = ["Stats", "AsyncStats", "Series"]

@@ -1,54 +1,68 @@
-"""FastAPI dependency that rate-limits each caller through cachecoord and answers 429 with
-Retry-After. An example only: FastAPI is not a dependency of the package.
+"""A FastAPI app using cachecoord_client.fastapi: per-IP and per-user rate limits answering
+429 with Retry-After and RateLimit-* headers, server-side sessions in a cookie, and
+revoked-token checks.
 
-    pip install ./clients/python fastapi uvicorn
+    pip install './clients/python[fastapi]' uvicorn
     CACHECOORD=localhost:50051 uvicorn examples.fastapi_rate_limit:app
 """
 
 from __future__ import annotations
 
 import os
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import AsyncIterator, Dict
 
-from cachecoord_client import AsyncClient, Unavailable
+from fastapi import Depends, FastAPI
 
-app = FastAPI()
-client: AsyncClient
+from cachecoord_client import AsyncClient
+from cachecoord_client.fastapi import (
+    Rate,
+    RateLimit,
+    RevocationCheck,
+    ServerSession,
+    SessionMiddleware,
+    Tokens,
+    cookie,
+    current_session,
+    header,
+)
 
 
-@app.on_event("startup")
-async def startup() -> None:
-    global client
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     # grpc.aio channels belong to the running loop: create the client inside it.
-    client = AsyncClient(os.environ.get("CACHECOORD", "localhost:50051"), timeout=0.5)
+    async with AsyncClient(os.environ.get("CACHECOORD", "localhost:50051"), timeout=0.5) as client:
+        app.state.cachecoord = client
+        yield
 
 
-@app.on_event("shutdown")
-async def shutdown() -> None:
-    await client.close()
+app = FastAPI(lifespan=lifespan)
+app.add_middleware(SessionMiddleware, ttl=timedelta(hours=24))
+
+per_ip = RateLimit(Rate(100, 60), fail_open=True)  # keyed by client_ip; limiter down: let it pass
+per_key = RateLimit(Rate(10, 1, "token_bucket", burst=20), Rate(50_000, 86_400), key=header("x-api-key"))
+not_revoked = RevocationCheck(refresh=cookie("refresh_token"))
 
 
-def rate_limited(limit: int, per_seconds: float):
-    """A dependency allowing `limit` requests per `per_seconds` per client address."""
-
-    async def dependency(request: Request, response: Response) -> None:
-        caller = request.client.host if request.client else "unknown"
-        key = f"{{{caller}}}:{request.url.path}"  # one hash tag per caller (Redis Cluster)
-        try:
-            result = await client.rate_limit.check(key, limit, per_seconds)
-        except Unavailable:
-            return  # fail open when the limiter is down; choose fail closed for logins
-        response.headers["X-RateLimit-Remaining"] = str(result.remaining)
-        if not result.allowed:
-            raise HTTPException(
-                status_code=429,
-                detail="Too Many Requests",
-                headers={"Retry-After": str(result.retry_after_seconds)},
-            )
-
-    return dependency
-
-
-@app.get("/api/items", dependencies=[Depends(rate_limited(100, 60))])
-async def items() -> dict:
+@app.get("/api/items", dependencies=[Depends(per_ip), Depends(per_key)])
+async def items() -> Dict[str, list]:
     return {"items": []}
+
+
+@app.post("/login")
+async def login(user_id: str, session: ServerSession = Depends(current_session)) -> Dict[str, str]:
+    # (check the password first) A new session id on every login: no session fixation.
+    await session.login(user_id)
+    return {"user": user_id}
+
+
+@app.post("/cart/{item}")
+async def add_to_cart(item: str, session: ServerSession = Depends(current_session)) -> Dict[str, int]:
+    session["last_item"] = item  # saved with a merge as the response starts
+    return {"items": 1}
+
+
+@app.get("/me")
+async def me(tokens: Tokens = Depends(not_revoked)) -> Dict[str, bool]:
+    return {"refresh_checked": tokens.refresh is not None}

@@ -1,4 +1,4 @@
--- Deletes entries, their tag memberships and their fill leases.
+-- Deletes entries of one hash slot, their tag lists and their fill leases.
 -- KEYS: entry keys. ARGV: fill channel.
 -- Returns: how many entries existed.
 local deleted = 0

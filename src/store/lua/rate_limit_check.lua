@@ -5,8 +5,10 @@
 -- ARGV[1]: cost; ARGV[2]: '1' to peek (decide, write nothing), else '0';
 --       then four per limit: algorithm ('f' fixed window, 's' sliding
 --       window, 't' token bucket), limit, period ms, burst (bucket; else 0).
--- Returns: four integers per limit, in request order: allowed (1/0),
---       remaining, reset_after ms, retry_after ms.
+-- Returns: five integers per limit, in request order: allowed (1/0),
+--       remaining, reset_after ms, retry_after ms, and the window the limit
+--       counted in (its index; 0 for a bucket), which a refund
+--       (rate_limit_refund.lua) needs.
 --
 -- A script, not MULTI: each decision reads stored state and the clock, and
 -- whether anything is written depends on every decision, so reading,
@@ -81,7 +83,7 @@ local function fixed(key, limit, period)
     reset_now = left
   end
   return ok, retry, {math.max(0, limit - n), math.max(0, limit - n - cost)}, {reset_now, left},
-    {'w', int(w), 'n', int(n + cost)}, left
+    {'w', int(w), 'n', int(n + cost)}, left, w
 end
 
 local function sliding(key, limit, period)
@@ -132,7 +134,7 @@ local function sliding(key, limit, period)
     return 0
   end
   return ok, retry, {remaining(curr), remaining(curr + cost)}, {reset(curr), reset(curr + cost)},
-    {'w', int(w), 'c', int(curr + cost), 'p', int(prev)}, 2 * period - e
+    {'w', int(w), 'c', int(curr + cost), 'p', int(prev)}, 2 * period - e, w
 end
 
 local function bucket(key, limit, period, burst)
@@ -155,7 +157,7 @@ local function bucket(key, limit, period, burst)
   end
   local full_in = cdiv(debt + take, limit)
   return ok, retry, {remaining(debt), remaining(debt + take)}, {cdiv(debt, limit), full_in},
-    {'t', int(now), 'd', int(debt + take)}, full_in
+    {'t', int(now), 'd', int(debt + take)}, full_in, 0
 end
 
 local deciders = {f = fixed, s = sliding, t = bucket}
@@ -169,9 +171,9 @@ for i, key in ipairs(KEYS) do
   if not decide then
     return redis.error_reply('unknown algorithm ' .. tostring(ARGV[base + 1]))
   end
-  local ok, retry, remaining, reset, fields, ttl =
+  local ok, retry, remaining, reset, fields, ttl, window =
     decide(key, tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]))
-  decisions[i] = {ok, retry, remaining, reset, fields, ttl}
+  decisions[i] = {ok, retry, remaining, reset, fields, ttl, window}
   all = all and ok
 end
 
@@ -194,5 +196,6 @@ for i, key in ipairs(KEYS) do
   out[#out + 1] = d[3][which]
   out[#out + 1] = d[4][which]
   out[#out + 1] = d[2]
+  out[#out + 1] = d[7]
 end
 return out

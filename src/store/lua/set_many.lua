@@ -1,14 +1,12 @@
--- Writes many entries unconditionally.
--- KEYS: for each item, its entry key then its tag-index keys.
--- ARGV: fill channel, then for each item: value, ttl ms, number of tags.
--- Returns: the number of items written.
-local now = now_ms()
-local k = 1
-local items = 0
-for a = 2, #ARGV, 3 do
-  local ntags = tonumber(ARGV[a + 2])
-  write_entry(KEYS[k], ARGV[a], tonumber(ARGV[a + 1]), slice(KEYS, k + 1, ntags), now, ARGV[1])
-  k = k + 1 + ntags
-  items = items + 1
+-- Writes many entries of one hash slot unconditionally.
+-- KEYS: the entry keys.
+-- ARGV: fill channel, then for each entry: value, expiry mode ('PX' or
+--       'PXAT'), ms, number of tags, that many tag-index key names.
+-- Returns: the number of entries written.
+local a = 2
+for _, e in ipairs(KEYS) do
+  local ntags = tonumber(ARGV[a + 3])
+  write_entry(e, ARGV[a], ARGV[a + 1], ARGV[a + 2], slice(ARGV, a + 4, ntags), ARGV[1])
+  a = a + 4 + ntags
 end
-return items
+return #KEYS

@@ -1,13 +1,26 @@
--- Gives an existing entry a new TTL, keeping its tag indexes in step so an
--- invalidation still finds it until it expires.
--- KEYS[1]: entry key. ARGV: ttl ms.
--- Returns: 1 when the entry existed, else 0.
+-- Gives an existing entry a new expiry.
+-- KEYS[1]: entry key.
+-- ARGV: 'PX' and a ttl ms, only if the entry has no tags; or 'PXAT' and the
+--       Unix ms its tag indexes were given (the second call for a tagged
+--       entry).
+-- Returns: {0} when there is no entry; {1} when its expiry was set; {2, its
+-- tag-index key names} when it has tags and 'PX' was asked: nothing was
+-- changed, and the caller first extends those indexes, then calls again
+-- with 'PXAT' (so an index never expires before its entries).
 local e = KEYS[1]
-local ttl = tonumber(ARGV[1])
-if redis.call('PEXPIRE', e, ttl) == 0 then
-  return 0
+if redis.call('EXISTS', e) == 0 then
+  return {0}
 end
-local indexes = redis.call('SMEMBERS', e .. ':tags')
-local now = now_ms()
-expire_tags(e, indexes, now + ttl, now)
-return 1
+local tags = e .. ':tags'
+if ARGV[1] == 'PX' then
+  local names = redis.call('SMEMBERS', tags)
+  if #names > 0 then
+    table.insert(names, 1, 2)
+    return names
+  end
+  redis.call('PEXPIRE', e, ARGV[2])
+  return {1}
+end
+redis.call('PEXPIREAT', e, ARGV[2])
+redis.call('PEXPIREAT', tags, ARGV[2])
+return {1}
