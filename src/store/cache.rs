@@ -91,7 +91,6 @@ struct Scripts {
     tag_forget: Script,
 }
 
-
 impl Drop for CacheStore {
     fn drop(&mut self) {
         self.listener.abort();

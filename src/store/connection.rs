@@ -463,9 +463,8 @@ fn addr(node: &Node, tls: bool) -> ConnectionAddr {
 
 /// The `--redis-tls-*` files, read once at start-up.
 fn tls_certificates(config: &Config) -> Result<Option<TlsCertificates>, String> {
-    let read = |flag: &str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
-    };
+    let read =
+        |flag: &str, path: &std::path::Path| std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()));
     let root_cert = config.redis_tls_ca.as_deref().map(|p| read("--redis-tls-ca", p)).transpose()?;
     let client_tls = match (&config.redis_tls_cert, &config.redis_tls_key) {
         (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
@@ -525,10 +524,8 @@ impl Wire {
         match self {
             Wire::Single(conn) => redis::cmd("PING").query_async::<Value>(conn).await.map(drop),
             Wire::Cluster(conn) => {
-                let everywhere = RoutingInfo::MultiNode((
-                    MultipleNodeRoutingInfo::AllMasters,
-                    Some(ResponsePolicy::AllSucceeded),
-                ));
+                let everywhere =
+                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)));
                 conn.route_command(redis::cmd("PING"), everywhere).await.map(drop)
             }
         }
@@ -641,7 +638,9 @@ impl managed::Manager for Manager {
             Ok::<_, std::convert::Infallible>(())
         });
         let wire = match &*self.kind {
-            Kind::Standalone(client) => Wire::Single(client.get_multiplexed_async_connection_with_config(&config).await?),
+            Kind::Standalone(client) => {
+                Wire::Single(client.get_multiplexed_async_connection_with_config(&config).await?)
+            }
             Kind::Sentinel(sentinel) => {
                 // Where the master is now: the sentinels are asked at every
                 // connect, so a replaced connection follows a fail-over.

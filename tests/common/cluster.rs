@@ -290,8 +290,12 @@ impl RedisSentinel {
             let Some(mut conn) = sentinel.try_client().await else { return false };
             let replicas: Vec<redis::Value> =
                 redis::cmd("SENTINEL").arg("REPLICAS").arg("mymaster").query_async(&mut conn).await.unwrap_or_default();
-            let peers: Vec<redis::Value> =
-                redis::cmd("SENTINEL").arg("SENTINELS").arg("mymaster").query_async(&mut conn).await.unwrap_or_default();
+            let peers: Vec<redis::Value> = redis::cmd("SENTINEL")
+                .arg("SENTINELS")
+                .arg("mymaster")
+                .query_async(&mut conn)
+                .await
+                .unwrap_or_default();
             if replicas.len() != 2 || peers.len() != 2 {
                 return false;
             }
