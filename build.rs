@@ -38,6 +38,8 @@ fn main() -> Result<(), Box<dyn Error>> {
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
 
     tonic_prost_build::configure()
+        // Undecodable requests are INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::ProtoCodec")
         .file_descriptor_set_path(out_dir.join("cachecoord_descriptor.bin"))
         .compile_with_config(config, PROTOS, &["proto", well_known.to_str().unwrap_or_default()])?;
 

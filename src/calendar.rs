@@ -101,7 +101,7 @@ impl Calendar {
     /// The start of the bucket of granularity `g` that contains `ms`.
     pub fn bucket_start(&self, g: Granularity, ms: i64) -> Result<i64, RangeError> {
         match g {
-            Granularity::Minute => Ok(ms.div_euclid(MINUTE_MS) * MINUTE_MS),
+            Granularity::Minute => ms.div_euclid(MINUTE_MS).checked_mul(MINUTE_MS).ok_or(RangeError::OutOfRange),
             Granularity::Hour => {
                 let offset = self.offset_ms(ms)?;
                 Ok((ms + offset).div_euclid(HOUR_MS) * HOUR_MS - offset)
@@ -113,7 +113,8 @@ impl Calendar {
     /// The start of the bucket after the one starting at `start`.
     pub fn next_start(&self, g: Granularity, start: i64) -> Result<i64, RangeError> {
         match g {
-            Granularity::Minute => Ok(start + MINUTE_MS),
+            // Checked: `start` may be any i64 (found by the calendar fuzz target).
+            Granularity::Minute => start.checked_add(MINUTE_MS).ok_or(RangeError::OutOfRange),
             Granularity::Hour => {
                 let next = self.bucket_start(g, start + HOUR_MS)?;
                 // Only a half-hour offset change could land behind; never step back.
@@ -289,6 +290,17 @@ mod tests {
             assert_eq!(table.pick(Granularity::Day, first - 1), None);
             assert_eq!(table.pick(Granularity::Day, last), None);
         }
+    }
+
+    #[test]
+    fn minutes_at_the_ends_of_the_i64_range_are_out_of_range() {
+        // Found by the calendar fuzz target (overflow).
+        let utc = calendar("UTC");
+        let start = utc.bucket_start(Granularity::Minute, i64::MAX).unwrap();
+        assert_eq!(utc.next_start(Granularity::Minute, start), Err(RangeError::OutOfRange));
+        assert_eq!(utc.buckets(Granularity::Minute, start, i64::MAX, 10), Err(RangeError::OutOfRange));
+        // The first minute would start before i64::MIN.
+        assert_eq!(utc.bucket_start(Granularity::Minute, i64::MIN), Err(RangeError::OutOfRange));
     }
 
     #[test]

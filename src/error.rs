@@ -39,6 +39,11 @@ impl Error {
     }
 }
 
+/// Error codes of a Redis that is up but refuses work for a while: out of
+/// memory under `noeviction`, busy running a script, a failing RDB save that
+/// blocks writes, too few replicas. redis-rs leaves these unclassified.
+const REFUSING: [&str; 4] = ["OOM", "BUSY", "MISCONF", "NOREPLICAS"];
+
 impl From<RedisError> for Error {
     fn from(err: RedisError) -> Self {
         use deadpool_redis::redis::RetryMethod;
@@ -56,7 +61,8 @@ impl From<RedisError> for Error {
             || err.is_connection_refusal()
             || refused_login
             || migrating
-            || !matches!(err.retry_method(), RetryMethod::NoRetry);
+            || !matches!(err.retry_method(), RetryMethod::NoRetry)
+            || err.code().is_some_and(|code| REFUSING.contains(&code));
         if transient { Self::Unavailable(err.to_string()) } else { Self::Internal(err.to_string()) }
     }
 }

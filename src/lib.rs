@@ -8,6 +8,7 @@
 //! - [`store`]: the only code that speaks Redis; Lua scripts in `store/lua/`.
 //! - [`keys`]: every Redis key name.
 //! - [`error`]: the one error type and its mapping to gRPC statuses.
+//! - [`codec`]: protobuf decoding; a request that does not decode is `INVALID_ARGUMENT`.
 //! - [`deadline`]: `DEADLINE_EXCEEDED` when the caller's deadline passes.
 //! - [`health`]: grpc.health.v1 statuses that follow a Redis probe.
 //! - [`calendar`]: Stats time buckets in the configured time zone.
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod calendar;
+pub mod codec;
 pub mod config;
 pub mod deadline;
 pub mod error;

@@ -90,11 +90,12 @@ pub async fn run(
             redis.clone(),
             keys.clone(),
             config.session_max_per_user,
-            config.max_value_bytes,
+            config.session_max_data_bytes,
             config.max_ttl,
         ),
         limits.clone(),
         config.session_default_ttl.min(config.max_ttl),
+        config.session_max_data_bytes,
     );
     // WAIT holds the connection it runs on: locks that wait for replicas get
     // connections of their own.

@@ -164,6 +164,38 @@ async fn a_wrong_password_is_unavailable_not_a_crash() {
     assert!(!status.message().contains("wrong"), "{:?}", status.message());
 }
 
+#[tokio::test]
+async fn a_redis_out_of_memory_is_unavailable_and_writes_nothing() {
+    use cachecoord::proto::{Delta, IncrementRequest};
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    let mut stats = server.stats();
+    let increment = || IncrementRequest { deltas: vec![Delta { name: "n".into(), amount: Some(5) }] };
+    assert_eq!(stats.increment(increment()).await.unwrap().into_inner().values, vec![5]);
+
+    // Redis refuses every write (noeviction at its memory limit). Found by the
+    // torture program: scripts answered INTERNAL, and Increment called the
+    // refusal an int64 overflow (INVALID_ARGUMENT).
+    let mut conn = redis.client().await;
+    let config = |name: &str, value: &str| redis::cmd("CONFIG").arg("SET").arg(name).arg(value).clone();
+    let _: () = config("maxmemory-policy", "noeviction").query_async(&mut conn).await.unwrap();
+    let _: () = config("maxmemory", "1").query_async(&mut conn).await.unwrap();
+    let status = cache.set(set("k")).await.expect_err("Redis refuses writes");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let status = stats.increment(increment()).await.expect_err("Redis refuses writes");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(!status.message().contains("OOM"), "no Redis text reaches the client: {status:?}");
+
+    let _: () = config("maxmemory", "0").query_async(&mut conn).await.unwrap();
+    assert_eq!(
+        stats.increment(increment()).await.unwrap().into_inner().values,
+        vec![10],
+        "the refused delta left no trace"
+    );
+    cache.set(set("k")).await.unwrap();
+}
+
 /// One call of every kind a killed connection could meet: a cache read, a
 /// rate-limit check, a counter increment, and a lock taken and given back.
 async fn mixed_call(server: &TestServer, task: usize) -> Result<(), tonic::Status> {

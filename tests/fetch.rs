@@ -252,3 +252,29 @@ async fn a_fetch_cancelled_while_redis_is_busy_leaves_no_lease_behind() {
     let next = cache.fetch(fetch("k", 60_000, 5_000)).await.unwrap().into_inner();
     assert_eq!(outcome(&next), FetchOutcome::Fill);
 }
+
+#[tokio::test]
+async fn a_waiter_answers_timeout_at_max_wait_even_while_redis_is_stalled() {
+    let redis = RedisServer::start().await;
+    // A Redis timeout far beyond max_wait: only the wait bound can end the call in time.
+    let server = TestServer::start_with(&redis, &["--redis-timeout", "5s"]).await;
+    let mut cache = server.cache();
+    assert_eq!(outcome(&cache.fetch(fetch("k", 60_000, 0)).await.unwrap().into_inner()), FetchOutcome::Fill);
+    let calls = script_calls(&redis).await;
+    let mut waiter_cache = server.cache();
+    let waiter = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let answer = waiter_cache.fetch(fetch("k", 60_000, 400)).await;
+        (answer, started.elapsed())
+    });
+    // The waiter has read twice (found the lease, registered): it is asleep.
+    wait_for_script_calls(&redis, calls + 2).await;
+    // Redis stalls past the waiter's max_wait; its wake-up read then meets the
+    // stall. Found by the torture program: the read ran to the Redis timeout,
+    // so waiters answered up to seconds past max_wait.
+    let stall = redis.stall(3.0).await;
+    let (answer, took) = waiter.await.unwrap();
+    assert_eq!(outcome(&answer.unwrap().into_inner()), FetchOutcome::Timeout);
+    assert!(took < Duration::from_secs(2), "answered after {took:?}, during a 3 s stall");
+    stall.await.unwrap();
+}

@@ -53,3 +53,28 @@ async fn reflection_v1alpha_describes_a_method_file() {
         "{answer:?}"
     );
 }
+
+/// A GetRequest whose `key` may hold bytes that are not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawGet {
+    #[prost(bytes = "vec", tag = "1")]
+    key: Vec<u8>,
+}
+
+#[tokio::test]
+async fn a_request_that_does_not_decode_is_invalid_argument_not_internal() {
+    // Found by the gRPC-level fuzzer: tonic-prost answers INTERNAL.
+    let redis = common::RedisServer::start().await;
+    let server = common::TestServer::start(&redis).await;
+    let mut grpc = tonic::client::Grpc::new(server.channel.clone());
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static("/cachecoord.v1.CacheService/Get");
+    let codec = tonic_prost::ProstCodec::<RawGet, cachecoord::proto::GetResponse>::default();
+    let request = tonic::Request::new(RawGet { key: vec![b'k', 0xff, 0xfe] });
+    let status = grpc.unary(request, path, codec).await.expect_err("not UTF-8");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("request: "), "{:?}", status.message());
+    // A valid request on the same connection still works.
+    let get = cachecoord::proto::GetRequest { key: "k".into() };
+    assert!(!server.cache().get(get).await.unwrap().into_inner().found);
+}

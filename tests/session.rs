@@ -767,25 +767,26 @@ async fn limits_hold_at_and_past_the_boundary() {
     assert_invalid(client.touch_session(touch(days_30_plus)).await, "ttl");
     assert_invalid(client.touch_session(touch(ms(0))).await, "ttl");
 
-    // data: at most 1 MiB as JSON. {"x":"…"} is 8 bytes plus the string.
+    // data: at most 16 KiB as JSON (--session-max-data-bytes). {"x":"…"} is 8 bytes plus the string.
+    const DATA: usize = 16 << 10;
     let sized = |len: usize| obj(vec![("x", text(&"a".repeat(len - 8)))]);
-    let session = create_ok(&mut client, "u", Some(sized(1 << 20)), None).await;
+    let session = create_ok(&mut client, "u", Some(sized(DATA)), None).await;
     assert_invalid(
-        client.create_session(create("u", Some(sized((1 << 20) + 1)), None)).await,
-        "data: must be at most 1048576 bytes",
+        client.create_session(create("u", Some(sized(DATA + 1)), None)).await,
+        "data: must be at most 16384 bytes",
     );
     let id = session.session_id;
-    assert!(update(&mut client, &id, sized(1 << 20), false).await.is_some());
-    let replace = UpdateSessionRequest { session_id: id.clone(), data: Some(sized((1 << 20) + 1)), merge: false };
-    assert_invalid(client.update_session(replace).await, "data: must be at most 1048576 bytes");
-    let merge = UpdateSessionRequest { session_id: id.clone(), data: Some(sized((1 << 20) + 1)), merge: true };
-    assert_invalid(client.update_session(merge).await, "data: must be at most 1048576 bytes");
+    assert!(update(&mut client, &id, sized(DATA), false).await.is_some());
+    let replace = UpdateSessionRequest { session_id: id.clone(), data: Some(sized(DATA + 1)), merge: false };
+    assert_invalid(client.update_session(replace).await, "data: must be at most 16384 bytes");
+    let merge = UpdateSessionRequest { session_id: id.clone(), data: Some(sized(DATA + 1)), merge: true };
+    assert_invalid(client.update_session(merge).await, "data: must be at most 16384 bytes");
     // A merge whose own fields fit but whose result would not: refused, nothing changes.
     let merge = UpdateSessionRequest { session_id: id.clone(), data: Some(obj(vec![("y", num(1.0))])), merge: true };
-    assert_invalid(client.update_session(merge).await, "data: must be at most 1048576 bytes");
-    assert_eq!(get(&mut client, &id, false).await.unwrap().data, Some(sized(1 << 20)));
+    assert_invalid(client.update_session(merge).await, "data: must be at most 16384 bytes");
+    assert_eq!(get(&mut client, &id, false).await.unwrap().data, Some(sized(DATA)));
     // …and one that replaces a field to land exactly on the limit is fine.
-    let shrink = obj(vec![("x", text(&"b".repeat((1 << 20) - 8 - 8))), ("y", num(1.0))]);
+    let shrink = obj(vec![("x", text(&"b".repeat(DATA - 8 - 8))), ("y", num(1.0))]);
     let merged = update(&mut client, &id, shrink.clone(), true).await.unwrap();
     assert_eq!(merged.data, Some(shrink));
     let nan = obj(vec![("n", num(f64::NAN))]);
@@ -826,7 +827,7 @@ async fn limits_hold_at_and_past_the_boundary() {
 #[tokio::test]
 async fn rejected_requests_write_nothing() {
     let redis = RedisServer::start().await;
-    let server = TestServer::start_with(&redis, &["--max-value-bytes", "64"]).await;
+    let server = TestServer::start_with(&redis, &["--session-max-data-bytes", "64"]).await;
     let mut client = server.sessions();
     let big = obj(vec![("x", text(&"a".repeat(100)))]);
     assert_invalid(client.create_session(create("u", Some(big), None)).await, "data: must be at most 64 bytes");
@@ -904,4 +905,21 @@ async fn redis_down_is_unavailable_within_the_timeout() {
     assert_unavailable(result, "get while Redis sleeps");
     assert!(elapsed < Duration::from_millis(1_500), "{elapsed:?}");
     sleeper.await.unwrap();
+}
+
+#[tokio::test]
+async fn by_default_a_user_keeps_at_most_100_sessions() {
+    // The session scripts walk a user's whole index inside Redis, so the
+    // default cap keeps each under the blocking budget (RELIABILITY.md).
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut client = server.sessions();
+    let first = create_ok(&mut client, "u", None, None).await.session_id;
+    for _ in 1..100 {
+        create_ok(&mut client, "u", None, None).await;
+    }
+    assert_eq!(list_ids(&mut client, "u").await.len(), 100);
+    let next = client.create_session(create("u", None, None)).await.unwrap().into_inner();
+    assert_eq!(next.evicted_session_ids, vec![first]);
+    assert_eq!(list_ids(&mut client, "u").await.len(), 100);
 }

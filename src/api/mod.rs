@@ -123,6 +123,11 @@ pub fn caller_deadline<T>(request: &tonic::Request<T>) -> Option<Duration> {
 
 /// A `grpc-timeout` header value (`250m`, `5S`, ...) as a duration.
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    // ASCII only, so the unit is one byte (found by the encoding fuzz target:
+    // a multi-byte last character made split_at panic).
+    if !value.is_ascii() {
+        return None;
+    }
     let (amount, unit) = value.split_at(value.len().checked_sub(1)?);
     let amount: u64 = amount.parse().ok()?;
     Some(match unit {
@@ -176,6 +181,14 @@ mod tests {
         assert!(limits.ttl(field, Some(d(0, 0)), Duration::ZERO).is_err());
         assert!(limits.ttl(field, Some(d(-1, 0)), Duration::ZERO).is_err());
         assert_eq!(limits.span(field, d(0, 0), true).unwrap(), Duration::ZERO);
+    }
+
+    #[test]
+    fn grpc_timeout_headers_that_are_no_timeout_are_ignored() {
+        for value in ["", "m", "5", "-5m", "5x", "5ʽ", "ʽ", "99999999999999999999S"] {
+            assert_eq!(parse_grpc_timeout(value), None, "{value:?}");
+        }
+        assert_eq!(parse_grpc_timeout("18446744073709551615H"), Some(Duration::from_secs(u64::MAX)));
     }
 
     #[test]

@@ -219,22 +219,32 @@ impl CacheStore {
 
     /// The stampede-safe read: a hit, the fill lease, or, after waiting up to
     /// `max_wait` for another caller's fill, whatever that produced.
+    ///
+    /// `max_wait` counts from the call: once it is over, the answer is
+    /// `Timeout`, even if a read after the first is still waiting on a slow
+    /// Redis (the first read is bounded only by the Redis timeout).
     pub async fn fetch(self: &Arc<Self>, key: &str, fill_timeout: Duration, max_wait: Duration) -> Result<Fetched> {
+        let deadline = Instant::now() + max_wait;
         let entry_key = self.keys.cache_entry(key);
         let lease_key = self.keys.cache_lease(key);
         match self.try_fetch(&entry_key, &lease_key, fill_timeout).await? {
             Attempt::Done(fetched) => return Ok(fetched),
-            Attempt::Leased(_) if max_wait.is_zero() => return Ok(Fetched::Timeout),
+            Attempt::Leased(_) if Instant::now() >= deadline => return Ok(Fetched::Timeout),
             Attempt::Leased(_) => {}
         }
-        let deadline = Instant::now() + max_wait;
         // Register, then read again: a fill between the first read and the
         // registration would otherwise go unseen.
         let mut wait = self.waiters.register(&entry_key);
         loop {
-            let lease_ttl = match self.try_fetch(&entry_key, &lease_key, fill_timeout).await? {
-                Attempt::Done(fetched) => return Ok(fetched),
-                Attempt::Leased(ttl) => ttl,
+            // A read cut short by the deadline hands back any lease it took
+            // (the attempt's guard).
+            let attempt = tokio::time::timeout_at(deadline, self.try_fetch(&entry_key, &lease_key, fill_timeout));
+            let lease_ttl = match attempt.await {
+                Err(_) => return Ok(Fetched::Timeout),
+                Ok(attempt) => match attempt? {
+                    Attempt::Done(fetched) => return Ok(fetched),
+                    Attempt::Leased(ttl) => ttl,
+                },
             };
             let now = Instant::now();
             if now >= deadline {

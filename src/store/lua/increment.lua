@@ -33,6 +33,8 @@ for k, base in ipairs(KEYS) do
   else
     local total = redis.pcall('INCRBY', base .. ':total', amount)
     if type(total) == 'table' and total.err then
+      -- Only an overflow is the caller's; any other error (OOM under
+      -- noeviction, a total that is not an integer) is raised after the undo.
       -- Undo in reverse; each of these INCRBYs succeeded, so each is exact.
       for j = k - 1, 1, -1 do
         local done = ARGV[a + j - 1]
@@ -44,7 +46,10 @@ for k, base in ipairs(KEYS) do
           redis.call('DECRBY', KEYS[j] .. ':total', done)
         end
       end
-      return {'overflow', tostring(k)}
+      if string.find(total.err, 'overflow', 1, true) then
+        return {'overflow', tostring(k)}
+      end
+      return redis.error_reply(total.err)
     end
     out[k] = redis.call('GET', base .. ':total')
   end

@@ -33,8 +33,9 @@ class SessionServiceStub(object):
     All keys live under the service's key prefix (default `cc`).
 
     Limits (each configurable; defaults shown): user ids and session ids are 1..512 bytes;
-    session data is at most 1 MiB as JSON; a batch holds at most 1,000 items; a TTL is
-    positive and at most 30 days.
+    session data is at most 16 KiB as JSON (a merge scans it inside Redis, so the bound
+    keeps Redis responsive); a user has at most 100 live sessions; a batch holds at most
+    1,000 items; a TTL is positive and at most 30 days.
 
     Errors, for every RPC:
     INVALID_ARGUMENT: the request breaks a rule; the message names the field and the rule.
@@ -104,8 +105,9 @@ class SessionServiceServicer(object):
     All keys live under the service's key prefix (default `cc`).
 
     Limits (each configurable; defaults shown): user ids and session ids are 1..512 bytes;
-    session data is at most 1 MiB as JSON; a batch holds at most 1,000 items; a TTL is
-    positive and at most 30 days.
+    session data is at most 16 KiB as JSON (a merge scans it inside Redis, so the bound
+    keeps Redis responsive); a user has at most 100 live sessions; a batch holds at most
+    1,000 items; a TTL is positive and at most 30 days.
 
     Errors, for every RPC:
     INVALID_ARGUMENT: the request breaks a rule; the message names the field and the rule.
@@ -116,7 +118,7 @@ class SessionServiceServicer(object):
 
     def CreateSession(self, request, context):
         """CreateSession starts a new session for a user and returns it.
-        With a per-user cap configured (default: unlimited), creating a session past the cap
+        With a per-user cap (default 100; 0 turns it off), creating a session past the cap
         evicts that user's oldest sessions in the same atomic step; their ids are returned in
         `evicted_session_ids`.
         """
@@ -252,8 +254,9 @@ class SessionService(object):
     All keys live under the service's key prefix (default `cc`).
 
     Limits (each configurable; defaults shown): user ids and session ids are 1..512 bytes;
-    session data is at most 1 MiB as JSON; a batch holds at most 1,000 items; a TTL is
-    positive and at most 30 days.
+    session data is at most 16 KiB as JSON (a merge scans it inside Redis, so the bound
+    keeps Redis responsive); a user has at most 100 live sessions; a batch holds at most
+    1,000 items; a TTL is positive and at most 30 days.
 
     Errors, for every RPC:
     INVALID_ARGUMENT: the request breaks a rule; the message names the field and the rule.
