@@ -413,6 +413,10 @@ async fn rejected_requests_write_nothing() {
     assert_invalid(cache.set_many(SetManyRequest { items: vec![bad_tag] }).await, "items[0].tags[0]");
     assert_invalid(cache.set(SetRequest { tags: vec!["x".repeat(513)], ..set("k", b"v") }).await, "tags[0]");
     assert_invalid(cache.set(SetRequest { ttl: ms(0), ..set("k", b"v") }).await, "ttl");
+    // A leading '}' would empty the key's Redis Cluster hash tag; one later is fine.
+    assert_invalid(cache.set(set("}k", b"v")).await, "key: must not start with '}'");
+    assert!(cache.set(set("k}", b"v")).await.unwrap().into_inner().stored);
+    cache.delete(DeleteRequest { keys: vec!["k}".into()] }).await.unwrap();
     assert!(stored_keys(&redis, &server).await.is_empty());
 }
 

@@ -45,6 +45,12 @@ impl Limits {
         if key.len() > self.max_key_bytes {
             return Err(Error::invalid(field(), format!("must be at most {} bytes", self.max_key_bytes)));
         }
+        // A key is the hash tag of its Redis keys (`{key}`); a leading `}`
+        // would make that tag empty, and Redis Cluster would scatter the
+        // keys that must share a slot.
+        if key.starts_with('}') {
+            return Err(Error::invalid(field(), "must not start with '}'"));
+        }
         Ok(())
     }
 
