@@ -60,6 +60,11 @@ struct Args {
     /// A short smoke run (CI): 200 ms per point, callers 1 and 4, no report.
     #[arg(long)]
     quick: bool,
+    /// Run against a local 3-master, 3-replica Redis Cluster instead of one
+    /// redis-server (the service with redis+cluster://, the floor with a
+    /// redis-rs cluster client).
+    #[arg(long)]
+    cluster: bool,
     /// Extra flags for the service (repeat), e.g. `--service-arg=--redis-connections=1`.
     #[arg(long = "service-arg", allow_hyphen_values = true)]
     service_args: Vec<String>,
@@ -163,18 +168,78 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Starts `n` redis-servers (cluster nodes when `cluster`) in subdirectories
+/// of `dir`; their ports and processes.
+fn redis_servers(dir: &std::path::Path, n: usize, cluster: bool) -> std::io::Result<(Vec<u16>, Vec<Process>)> {
+    let (mut ports, mut processes) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let port = free_port()?;
+        let node_dir = dir.join(format!("redis{i}"));
+        std::fs::create_dir_all(&node_dir)?;
+        let mut command = Command::new("redis-server");
+        command
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&node_dir)
+            .stdout(Stdio::null());
+        if cluster {
+            command.args(["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]);
+        }
+        processes.push(Process(command.spawn()?));
+        ports.push(port);
+    }
+    Ok((ports, processes))
+}
+
+/// Joins six nodes into a 3-master, 3-replica cluster and waits until every
+/// node says it is OK.
+async fn create_cluster(ports: &[u16]) -> Result<(), Box<dyn std::error::Error>> {
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    for _ in 0..500 {
+        let ready = ports.iter().all(|p| {
+            Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "PING"])
+                .output()
+                .is_ok_and(|o| o.stdout.starts_with(b"PONG"))
+        });
+        if ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let output = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addrs)
+        .args(["--cluster-replicas", "1", "--cluster-yes"])
+        .output()?;
+    if !output.status.success() {
+        return Err(format!("cluster create: {}", String::from_utf8_lossy(&output.stdout)).into());
+    }
+    for _ in 0..500 {
+        let ok = ports.iter().all(|p| {
+            Command::new("redis-cli")
+                .args(["-p", &p.to_string(), "CLUSTER", "INFO"])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+        });
+        if ok {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("cluster did not become OK".into())
+}
+
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
-    let redis_port = free_port()?;
-    let _redis = Process(
-        Command::new("redis-server")
-            .args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    let redis_url = format!("redis://127.0.0.1:{redis_port}");
+    let (redis_ports, _redis) = redis_servers(dir.path(), if args.cluster { 6 } else { 1 }, args.cluster)?;
+    let redis_url = if args.cluster {
+        create_cluster(&redis_ports).await?;
+        let seeds: Vec<String> = redis_ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+cluster://{}", seeds.join(","))
+    } else {
+        format!("redis://127.0.0.1:{}", redis_ports[0])
+    };
     let grpc_port = free_port()?;
     // As deployed: the per-RPC log line at info, written to a file.
     let log = std::fs::File::create(dir.path().join("service.log"))?;
@@ -195,8 +260,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let service = Process(service.spawn()?);
     let service_pid = service.0.id();
-    let clients =
-        Arc::new(Clients::connect(grpc_port, &redis_url, args.connections, args.rls_external.as_deref()).await?);
+    let clients = Arc::new(
+        Clients::connect(grpc_port, &redis_url, &redis_ports, args.connections, args.rls_external.as_deref()).await?,
+    );
 
     let mut points = Vec::new();
     for &callers in &args.callers {
@@ -337,9 +403,10 @@ fn report(
         humantime::format_rfc3339_seconds(std::time::SystemTime::now())
     );
     let extra: String = args
-        .service_args
-        .iter()
-        .map(|a| format!(" --service-arg={a}"))
+        .cluster
+        .then(|| " --cluster".to_string())
+        .into_iter()
+        .chain(args.service_args.iter().map(|a| format!(" --service-arg={a}")))
         .chain(args.service_env.iter().map(|e| format!(" --service-env {e}")))
         .collect();
     let _ = writeln!(

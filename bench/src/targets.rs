@@ -38,7 +38,7 @@ use envoy_types::pb::envoy::{
     },
 };
 use hdrhistogram::Histogram;
-use redis::aio::MultiplexedConnection;
+use redis::aio::{ConnectionLike, MultiplexedConnection};
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
@@ -201,7 +201,9 @@ pub struct Clients {
     stats: StatsStore,
     sessions: SessionStore,
     /// Plain redis-rs connections (the Redis floor); caller i uses i % n.
-    plain: Vec<MultiplexedConnection>,
+    plain: Vec<Plain>,
+    /// One connection to each Redis server, to read their CPU time.
+    servers: Vec<MultiplexedConnection>,
     /// get.lua, for the same script sent by a plain client.
     get_script: redis::Script,
     /// The session created for GetSession, and its Redis key.
@@ -222,6 +224,7 @@ impl Clients {
     pub async fn connect(
         grpc_port: u16,
         redis_url: &str,
+        server_ports: &[u16],
         connections: usize,
         external: Option<&str>,
     ) -> Result<Self, String> {
@@ -248,23 +251,39 @@ impl Clients {
         };
         let stats = StatsStore::new(redis.clone(), keys.clone(), calendar, retention, config.stats_active_window_max);
         let sessions = SessionStore::new(redis.clone(), keys.clone(), 0, config.max_value_bytes, config.max_ttl);
-        let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
         // As a user would open them, minus the reply timeout: a loaded
         // machine must slow the floor down, not end the run.
         let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
-        let mut plain = Vec::new();
-        while plain.len() < connections.max(1) {
-            // redis-server may still be starting.
-            match client.get_multiplexed_async_connection_with_config(&config).await {
-                Ok(conn) => plain.push(conn),
-                Err(err) if plain.is_empty() && err.is_connection_refusal() => {
-                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let mut servers = Vec::new();
+        for port in server_ports {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).map_err(|e| e.to_string())?;
+            loop {
+                // redis-server may still be starting.
+                match client.get_multiplexed_async_connection_with_config(&config).await {
+                    Ok(conn) => break servers.push(conn),
+                    Err(err) if err.is_connection_refusal() => {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    }
+                    Err(err) => return Err(err.to_string()),
                 }
-                Err(err) => return Err(err.to_string()),
             }
+        }
+        let mut plain = Vec::new();
+        for _ in 0..connections.max(1) {
+            plain.push(if server_ports.len() > 1 {
+                let nodes = server_ports.iter().map(|port| format!("redis://127.0.0.1:{port}"));
+                let client =
+                    redis::cluster::ClusterClient::new(nodes.collect::<Vec<_>>()).map_err(|e| e.to_string())?;
+                Plain::Cluster(client.get_async_connection().await.map_err(|e| e.to_string())?)
+            } else {
+                let client = redis::Client::open(redis_url).map_err(|e| e.to_string())?;
+                let conn = client.get_multiplexed_async_connection_with_config(&config).await;
+                Plain::Single(conn.map_err(|e| e.to_string())?)
+            });
         }
         let mut clients = Self {
             plain,
+            servers,
             get_script: redis::Script::new(include_str!("../../src/store/lua/get.lua")),
             channels,
             cache: CacheStore::new(redis.clone(), keys.clone()),
@@ -309,15 +328,19 @@ impl Clients {
         Ok(())
     }
 
-    /// Redis's CPU time so far (user + sys, from `INFO cpu`).
+    /// Redis's CPU time so far (user + sys, from `INFO cpu`; on a cluster,
+    /// summed over its servers).
     pub async fn redis_cpu(&self) -> Result<std::time::Duration, String> {
-        let mut conn = self.plain[0].clone();
-        let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await.map_err(|e| e.to_string())?;
-        let seconds: f64 = info
-            .lines()
-            .filter_map(|line| line.strip_prefix("used_cpu_sys:").or_else(|| line.strip_prefix("used_cpu_user:")))
-            .filter_map(|v| v.trim().parse::<f64>().ok())
-            .sum();
+        let mut seconds = 0.0;
+        for server in &self.servers {
+            let mut conn = server.clone();
+            let info: String = redis::cmd("INFO").arg("cpu").query_async(&mut conn).await.map_err(|e| e.to_string())?;
+            seconds += info
+                .lines()
+                .filter_map(|line| line.strip_prefix("used_cpu_sys:").or_else(|| line.strip_prefix("used_cpu_user:")))
+                .filter_map(|v| v.trim().parse::<f64>().ok())
+                .sum::<f64>();
+        }
         Ok(std::time::Duration::from_secs_f64(seconds))
     }
 
@@ -384,7 +407,7 @@ pub struct Worker {
     envoy: EnvoyClient<Channel>,
     external: Option<EnvoyClient<Channel>>,
     /// This caller's share of a plain Redis connection.
-    plain: MultiplexedConnection,
+    plain: Plain,
     /// This caller's own key or name, so callers do not contend.
     own_key: String,
     /// The GetMany keys.
@@ -652,4 +675,37 @@ pub async fn lock_handoff(clients: &Arc<Clients>, rounds: usize) -> Result<Optio
     }
     holder.release(ReleaseRequest { name: "handoff".into(), lease_id }).await.map_err(|e| e.to_string())?;
     Ok(Some((latency.value_at_quantile(0.5) as f64 / 1000.0, latency.value_at_quantile(0.99) as f64 / 1000.0)))
+}
+
+/// A plain redis-rs connection: to one server, or a cluster connection (what
+/// a user of a cluster would use).
+#[derive(Clone)]
+pub enum Plain {
+    Single(MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for Plain {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Plain::Single(conn) => conn.req_packed_command(cmd),
+            Plain::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Plain::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Plain::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
 }
