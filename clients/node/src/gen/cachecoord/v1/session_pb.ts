@@ -21,8 +21,10 @@ export const file_cachecoord_v1_session: GenFile = /*@__PURE__*/
  */
 export type Session = Message<"cachecoord.v1.Session"> & {
   /**
-   * The session's id: at least 128 bits from a CSPRNG, encoded as URL-safe base64
-   * without padding (characters `A-Z a-z 0-9 - _`). Treat it as an opaque secret.
+   * The session's id, 30 characters `A-Z a-z 0-9 - _`: an 8-character tag
+   * derived from the user id (it keeps a session and its user's index in one
+   * Redis Cluster slot) followed by 128 bits from a CSPRNG as URL-safe base64
+   * without padding. Treat it as an opaque secret.
    *
    * @generated from field: string session_id = 1;
    */
@@ -84,7 +86,7 @@ export type CreateSessionRequest = Message<"cachecoord.v1.CreateSessionRequest">
 
   /**
    * The session's initial data. Absent means an empty object.
-   * At most 1 MiB when serialized as JSON.
+   * At most 16 KiB when serialized as JSON (`--session-max-data-bytes`).
    *
    * @generated from field: google.protobuf.Struct data = 2;
    */
@@ -122,7 +124,7 @@ export type CreateSessionResponse = Message<"cachecoord.v1.CreateSessionResponse
 
   /**
    * Ids of this user's sessions removed to stay within the per-user cap, oldest first.
-   * Empty when no cap is configured or the user was under it.
+   * Empty when the cap is off or the user was under it.
    *
    * @generated from field: repeated string evicted_session_ids = 2;
    */
@@ -267,7 +269,8 @@ export type UpdateSessionRequest = Message<"cachecoord.v1.UpdateSessionRequest">
 
   /**
    * The new data. Absent means an empty object. The resulting data must be at most
-   * 1 MiB as JSON; otherwise INVALID_ARGUMENT naming `data`, and nothing changes.
+   * 16 KiB as JSON (`--session-max-data-bytes`); otherwise INVALID_ARGUMENT naming
+   * `data`, and nothing changes.
    *
    * @generated from field: google.protobuf.Struct data = 2;
    */
@@ -559,8 +562,9 @@ export const CheckTokensResponseSchema: GenMessage<CheckTokensResponse> = /*@__P
  * All keys live under the service's key prefix (default `cc`).
  *
  * Limits (each configurable; defaults shown): user ids and session ids are 1..512 bytes;
- * session data is at most 1 MiB as JSON; a batch holds at most 1,000 items; a TTL is
- * positive and at most 30 days.
+ * session data is at most 16 KiB as JSON (a merge scans it inside Redis, so the bound
+ * keeps Redis responsive); a user has at most 100 live sessions; a batch holds at most
+ * 1,000 items; a TTL is positive and at most 30 days.
  *
  * Errors, for every RPC:
  * INVALID_ARGUMENT: the request breaks a rule; the message names the field and the rule.
@@ -573,7 +577,7 @@ export const CheckTokensResponseSchema: GenMessage<CheckTokensResponse> = /*@__P
 export const SessionService: GenService<{
   /**
    * CreateSession starts a new session for a user and returns it.
-   * With a per-user cap configured (default: unlimited), creating a session past the cap
+   * With a per-user cap (default 100; 0 turns it off), creating a session past the cap
    * evicts that user's oldest sessions in the same atomic step; their ids are returned in
    * `evicted_session_ids`.
    *
