@@ -30,6 +30,14 @@ impl Keys {
         Self { prefix: prefix.to_string() }
     }
 
+    /// Tenant `tenant`'s key space: every key (`P:t:<tenant>:...`) is
+    /// distinct from every other tenant's and from the tenant-less space
+    /// (whose second segment is never `t`). Tenant names are checked where
+    /// they are configured: 1..64 of `A-Z a-z 0-9 _ -`.
+    pub fn tenant(&self, tenant: &str) -> Self {
+        Self { prefix: format!("{}:t:{tenant}", self.prefix) }
+    }
+
     /// A cache entry (string). Its fill lease is `<entry>:lease` (string, the
     /// lease token) and its tag list `<entry>:tags` (set of tag-index keys).
     pub fn cache_entry(&self, key: &str) -> String {

@@ -445,7 +445,7 @@ impl Worker {
                 value.ok_or("hot key missing")?;
             }
             Target::StoreGet => {
-                c.cache.get_many(&[HOT_KEY.to_string()]).await.map_err(|e| err(&e))?;
+                c.cache.get_many(c.cache.keys(), &[HOT_KEY.to_string()]).await.map_err(|e| err(&e))?;
             }
             Target::CacheSet => {
                 let request = SetRequest { key: self.own_key.clone(), value: c.value.clone(), ..Default::default() };
@@ -465,7 +465,7 @@ impl Worker {
             Target::StoreSet => {
                 let write =
                     Write { key: &self.own_key, value: &c.value, ttl: std::time::Duration::from_secs(3600), tags: &[] };
-                c.cache.set(&write, Condition::Always).await.map_err(|e| err(&e))?;
+                c.cache.set(c.cache.keys(), &write, Condition::Always).await.map_err(|e| err(&e))?;
             }
             Target::CacheGetMany => {
                 self.cache.get_many(GetManyRequest { keys: self.many.clone() }).await.map_err(|e| err(&e))?;
@@ -476,7 +476,7 @@ impl Worker {
                     redis::cmd("MGET").arg(keys).query_async(&mut self.plain).await.map_err(|e| err(&e))?;
             }
             Target::StoreGetMany => {
-                c.cache.get_many(&self.many).await.map_err(|e| err(&e))?;
+                c.cache.get_many(c.cache.keys(), &self.many).await.map_err(|e| err(&e))?;
             }
             Target::RateLimitCheck => {
                 let limit = proto::Limit {
@@ -506,7 +506,7 @@ impl Worker {
                     algorithm: Algorithm::TokenBucket,
                     burst: LIMIT,
                 };
-                c.rate_limit.check(&[limit], 1, false).await.map_err(|e| err(&e))?;
+                c.rate_limit.check(c.rate_limit.keys(), &[limit], 1, false).await.map_err(|e| err(&e))?;
             }
             Target::ShouldRateLimit => {
                 should_rate_limit(&mut self.envoy, "caller", &self.own_key).await?;
@@ -525,7 +525,7 @@ impl Worker {
                     burst: 0,
                 };
                 let part = Part { limit, cost: 1, peek: false, advisory: false };
-                c.rate_limit.check_each(&[part]).await.map_err(|e| err(&e))?;
+                c.rate_limit.check_each(c.rate_limit.keys(), &[part]).await.map_err(|e| err(&e))?;
             }
             Target::LockAcquireRelease => {
                 let name = self.own_key.clone();
@@ -574,7 +574,7 @@ impl Worker {
                     .map_err(|e| err(&e))?;
             }
             Target::StoreStatsIncrement => {
-                c.stats.increment(&[(&self.own_key, 1)]).await.map_err(|e| err(&e))?;
+                c.stats.increment(c.stats.keys(), &[(&self.own_key, 1)]).await.map_err(|e| err(&e))?;
             }
             Target::SessionGet => {
                 let request = GetSessionRequest { session_id: c.session_id.clone(), touch: false };
@@ -594,7 +594,7 @@ impl Worker {
                 }
             }
             Target::StoreSessionGet => {
-                c.sessions.get(&c.session_id, false, None).await.map_err(|e| err(&e))?;
+                c.sessions.get(c.sessions.keys(), &c.session_id, false, None).await.map_err(|e| err(&e))?;
             }
         }
         Ok(())

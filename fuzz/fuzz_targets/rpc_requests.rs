@@ -84,7 +84,11 @@ fn apis() -> &'static Apis {
                 config.session_max_data_bytes,
             ),
             rate_limit: RateLimitApi::new(RateLimitStore::new(redis.clone(), keys.clone()), limits.clone(), false),
-            locks: LockApi::new(LockStore::new(redis.clone(), keys.clone()), limits.clone(), config.lock_default_ttl),
+            locks: LockApi::new(
+                LockStore::new(redis.clone(), keys.clone(), config.lock_replicas),
+                limits.clone(),
+                config.lock_default_ttl,
+            ),
             stats: StatsApi::new(
                 StatsStore::new(redis, keys, calendar.clone(), retention, config.stats_active_window_max),
                 limits,

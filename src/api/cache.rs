@@ -55,11 +55,12 @@ fn entry_parts(entry: Entry) -> (bool, Vec<u8>, Option<prost_types::Duration>) {
 #[tonic::async_trait]
 impl CacheService for CacheApi {
     async fn get(&self, request: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "key".into(), &request.key)?;
         let entry = self
             .store
-            .get_many(std::slice::from_ref(&request.key))
+            .get_many(&space, std::slice::from_ref(&request.key))
             .await?
             .pop()
             .unwrap_or(Entry { value: None, ttl: None });
@@ -71,9 +72,10 @@ impl CacheService for CacheApi {
         &self,
         request: Request<proto::GetManyRequest>,
     ) -> Result<Response<proto::GetManyResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.keys("keys", &request.keys)?;
-        let entries = self.store.get_many(&request.keys).await?;
+        let entries = self.store.get_many(&space, &request.keys).await?;
         let entries = request
             .keys
             .into_iter()
@@ -87,6 +89,7 @@ impl CacheService for CacheApi {
     }
 
     async fn set(&self, request: Request<proto::SetRequest>) -> Result<Response<proto::SetResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         let condition = match proto::SetCondition::try_from(request.condition) {
             Ok(proto::SetCondition::Unspecified) => Condition::Always,
@@ -95,7 +98,7 @@ impl CacheService for CacheApi {
             Err(_) => return Err(Status::invalid_argument("condition: unknown value")),
         };
         let write = self.write("", &request.key, &request.value, request.ttl, &request.tags)?;
-        let stored = self.store.set(&write, condition).await?;
+        let stored = self.store.set(&space, &write, condition).await?;
         Ok(Response::new(proto::SetResponse { stored }))
     }
 
@@ -103,6 +106,7 @@ impl CacheService for CacheApi {
         &self,
         request: Request<proto::SetManyRequest>,
     ) -> Result<Response<proto::SetManyResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.batch("items", request.items.len())?;
         let writes = request
@@ -111,27 +115,30 @@ impl CacheService for CacheApi {
             .enumerate()
             .map(|(i, item)| self.write(&format!("items[{i}]."), &item.key, &item.value, item.ttl, &item.tags))
             .collect::<Result<Vec<_>, _>>()?;
-        let stored = self.store.set_many(&writes).await?;
+        let stored = self.store.set_many(&space, &writes).await?;
         Ok(Response::new(proto::SetManyResponse { stored }))
     }
 
     async fn delete(&self, request: Request<proto::DeleteRequest>) -> Result<Response<proto::DeleteResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.keys("keys", &request.keys)?;
-        let deleted = self.store.delete(&request.keys).await?;
+        let deleted = self.store.delete(&space, &request.keys).await?;
         Ok(Response::new(proto::DeleteResponse { deleted }))
     }
 
     async fn touch(&self, request: Request<proto::TouchRequest>) -> Result<Response<proto::TouchResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "key".into(), &request.key)?;
         let ttl = request.ttl.ok_or_else(|| Status::invalid_argument("ttl: is required"))?;
         let ttl = self.limits.span(|| "ttl".into(), ttl, false)?;
-        let found = self.store.touch(&request.key, ttl).await?;
+        let found = self.store.touch(&space, &request.key, ttl).await?;
         Ok(Response::new(proto::TouchResponse { found }))
     }
 
     async fn fetch(&self, request: Request<proto::FetchRequest>) -> Result<Response<proto::FetchResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let budget = |wanted| wait_budget(&request, wanted);
         let body = request.get_ref();
         self.limits.key(|| "key".into(), &body.key)?;
@@ -141,7 +148,7 @@ impl CacheService for CacheApi {
             Some(wait) => self.limits.span(|| "max_wait".into(), wait, true)?,
         };
         let max_wait = budget(max_wait);
-        let response = match self.store.fetch(&body.key, fill_timeout, max_wait).await? {
+        let response = match self.store.fetch(&space, &body.key, fill_timeout, max_wait).await? {
             Fetched::Hit(entry) => {
                 let (_, value, ttl) = entry_parts(entry);
                 proto::FetchResponse { outcome: proto::FetchOutcome::Hit.into(), value, ttl, ..Default::default() }
@@ -157,10 +164,11 @@ impl CacheService for CacheApi {
     }
 
     async fn fill(&self, request: Request<proto::FillRequest>) -> Result<Response<proto::FillResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         let write = self.write("", &request.key, &request.value, request.ttl, &request.tags)?;
         self.limits.key(|| "fill_token".into(), &request.fill_token)?;
-        let stored = self.store.fill(&write, &request.fill_token).await?;
+        let stored = self.store.fill(&space, &write, &request.fill_token).await?;
         Ok(Response::new(proto::FillResponse { stored }))
     }
 
@@ -168,10 +176,11 @@ impl CacheService for CacheApi {
         &self,
         request: Request<proto::AbandonFillRequest>,
     ) -> Result<Response<proto::AbandonFillResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "key".into(), &request.key)?;
         self.limits.key(|| "fill_token".into(), &request.fill_token)?;
-        let released = self.store.abandon_fill(&request.key, &request.fill_token).await?;
+        let released = self.store.abandon_fill(&space, &request.key, &request.fill_token).await?;
         Ok(Response::new(proto::AbandonFillResponse { released }))
     }
 
@@ -179,9 +188,10 @@ impl CacheService for CacheApi {
         &self,
         request: Request<proto::InvalidateTagsRequest>,
     ) -> Result<Response<proto::InvalidateTagsResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.keys("tags", &request.tags)?;
-        let invalidated = self.store.invalidate_tags(&request.tags).await?;
+        let invalidated = self.store.invalidate_tags(&space, &request.tags).await?;
         Ok(Response::new(proto::InvalidateTagsResponse { invalidated }))
     }
 }

@@ -128,6 +128,7 @@ impl RateLimitService for EnvoyRateLimitApi {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
+        let space = crate::api::space(self.store.keys(), &request);
         let request = request.into_inner();
         let descriptors = self.descriptors(&request)?;
         let rules = Arc::clone(&self.rules.borrow());
@@ -150,7 +151,7 @@ impl RateLimitService for EnvoyRateLimitApi {
             .collect();
         // Redis down is UNAVAILABLE (never an OK or UNKNOWN overall code), so
         // Envoy's failure_mode_deny decides.
-        let decisions = self.store.check_each(&parts).await?;
+        let decisions = self.store.check_each(&space, &parts).await?;
         let statuses = rls::answer(&request.domain, &plan, &decisions);
         let over = statuses.iter().any(|s| s.over);
         Ok(Response::new(RateLimitResponse {

@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{Limits, to_proto_duration, wait_budget};
 use crate::{
+    keys::Keys,
     proto::{self, HoldEvent, lock_service_server::LockService},
     store::lock::{Grant, LockStore, valid_for},
 };
@@ -40,6 +41,8 @@ pub struct LockApi {
 
 /// A validated Acquire or Hold request.
 struct Want<'a> {
+    /// The caller's key space.
+    space: Keys,
     /// The lock's name.
     name: &'a str,
     /// The holder's label.
@@ -80,6 +83,7 @@ impl LockApi {
 
     fn want<'a>(
         &self,
+        space: Keys,
         name: &'a str,
         owner: &'a str,
         ttl: Option<prost_types::Duration>,
@@ -97,7 +101,7 @@ impl LockApi {
             None => Duration::ZERO,
             Some(wait) => self.limits.span(|| "wait".into(), wait, true)?,
         };
-        Ok(Want { name, owner, ttl, wait })
+        Ok(Want { space, name, owner, ttl, wait })
     }
 
     /// Acquires as asked, waiting at most `wait` from `arrived`; a wait
@@ -110,7 +114,7 @@ impl LockApi {
             biased;
             // Dropping the acquire lets go of anything it was taking.
             () = stopped(self.stopping.clone()) => Ok(None),
-            grant = self.store.acquire(want.name, want.owner, want.ttl, deadline) => Ok(grant?),
+            grant = self.store.acquire(&want.space, want.name, want.owner, want.ttl, deadline) => Ok(grant?),
         }
     }
 }
@@ -125,7 +129,8 @@ impl LockService for LockApi {
     ) -> Result<Response<proto::AcquireResponse>, Status> {
         let arrived = Instant::now();
         let body = request.get_ref();
-        let mut want = self.want(&body.name, &body.owner, body.ttl, body.wait)?;
+        let mut want =
+            self.want(super::space(self.store.keys(), &request), &body.name, &body.owner, body.ttl, body.wait)?;
         want.wait = wait_budget(&request, want.wait);
         let response = match self.acquire_wanted(&want, arrived).await? {
             Some(grant) => proto::AcquireResponse {
@@ -143,20 +148,22 @@ impl LockService for LockApi {
         &self,
         request: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::ReleaseResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.name(&request.name)?;
         self.lease_id(&request.lease_id)?;
-        let released = self.store.release(&request.name, &request.lease_id).await?;
+        let released = self.store.release(&space, &request.name, &request.lease_id).await?;
         Ok(Response::new(proto::ReleaseResponse { released }))
     }
 
     async fn extend(&self, request: Request<proto::ExtendRequest>) -> Result<Response<proto::ExtendResponse>, Status> {
         let arrived = Instant::now();
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.name(&request.name)?;
         self.lease_id(&request.lease_id)?;
         let ttl = self.ttl(request.ttl)?;
-        let response = match self.store.extend(&request.name, &request.lease_id, ttl).await? {
+        let response = match self.store.extend(&space, &request.name, &request.lease_id, ttl).await? {
             Some(floor) => {
                 proto::ExtendResponse { extended: true, valid_for: Some(to_proto_duration(valid_for(floor, arrived))) }
             }
@@ -169,9 +176,10 @@ impl LockService for LockApi {
         &self,
         request: Request<proto::InspectRequest>,
     ) -> Result<Response<proto::InspectResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.name(&request.name)?;
-        let response = match self.store.inspect(&request.name).await? {
+        let response = match self.store.inspect(&space, &request.name).await? {
             Some(holder) => proto::InspectResponse {
                 held: true,
                 owner: holder.owner,
@@ -187,13 +195,14 @@ impl LockService for LockApi {
         // The call's deadline bounds the wait, counted from the call's start.
         let opened = Instant::now();
         let longest_wait = wait_budget(&request, self.limits.max_ttl);
+        let space = super::space(self.store.keys(), &request);
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("request: the stream must start with a HoldRequest"))?;
         let arrived = Instant::now();
-        let mut want = self.want(&first.name, &first.owner, first.ttl, first.wait)?;
+        let mut want = self.want(space, &first.name, &first.owner, first.ttl, first.wait)?;
         want.wait = want.wait.min((opened + longest_wait).saturating_duration_since(arrived));
 
         // Acquire (and wait) before answering: a caller that gives up drops
@@ -214,6 +223,7 @@ impl LockService for LockApi {
         }));
         let holding = Holding {
             store: Arc::clone(&self.store),
+            space: want.space.clone(),
             name: want.name.to_string(),
             ttl: want.ttl,
             grant,
@@ -229,6 +239,8 @@ impl LockService for LockApi {
 struct Holding {
     /// Where to renew and release.
     store: Arc<LockStore>,
+    /// The holder's key space.
+    space: Keys,
     /// The lock's name.
     name: String,
     /// The lease length each renewal sets.
@@ -265,7 +277,7 @@ impl Holding {
                     break Some(Err(Status::unavailable("the service is shutting down; the lock was released")));
                 }
                 () = tokio::time::sleep_until(next_renewal) => {
-                    match self.store.extend(&self.name, &self.grant.lease_id, self.ttl).await {
+                    match self.store.extend(&self.space, &self.name, &self.grant.lease_id, self.ttl).await {
                         Ok(Some(floor)) => {
                             lease_floor = floor;
                             next_renewal = Instant::now() + interval;
@@ -286,7 +298,7 @@ impl Holding {
                 }
             }
         };
-        match self.store.release(&self.name, &self.grant.lease_id).await {
+        match self.store.release(&self.space, &self.name, &self.grant.lease_id).await {
             Ok(_) => {}
             Err(err) => tracing::warn!(%err, name = %self.name, "hold: release failed; the lease ends with its TTL"),
         }

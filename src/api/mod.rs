@@ -11,6 +11,7 @@ pub mod stats;
 
 use std::time::Duration;
 
+use crate::keys::Keys;
 use crate::{config::Config, error::Error};
 
 /// The request limits of SPEC §1, from configuration.
@@ -146,6 +147,21 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
         _ => return None,
     })
 }
+
+/// The key space of the request's tenant: `keys` itself when the caller has
+/// none (authentication off), else `keys.tenant(..)`. The tenant comes from
+/// the caller's credential (the auth layer puts it in the request's
+/// extensions), never from the request body.
+pub fn space<T>(keys: &Keys, request: &tonic::Request<T>) -> Keys {
+    match request.extensions().get::<Tenant>() {
+        Some(tenant) => keys.tenant(&tenant.0),
+        None => keys.clone(),
+    }
+}
+
+/// The tenant a request acts for, as the auth layer established it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenant(pub String);
 
 /// The longest a handler may wait server-side: `wanted`, cut short so the
 /// answer reaches the caller before its deadline does.

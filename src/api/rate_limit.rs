@@ -116,9 +116,10 @@ fn units(field: &str, value: u64) -> Result<(), Error> {
 #[tonic::async_trait]
 impl RateLimitService for RateLimitApi {
     async fn check(&self, request: Request<proto::CheckRequest>) -> Result<Response<proto::CheckResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         let (limits, cost) = self.request(&request)?;
-        let decisions = match self.store.check(&limits, cost, request.peek).await {
+        let decisions = match self.store.check(&space, &limits, cost, request.peek).await {
             Ok(decisions) => decisions,
             Err(Error::Unavailable(detail)) if self.fail_open => {
                 tracing::warn!(%detail, "redis unavailable; rate limit check failed open");
@@ -160,12 +161,13 @@ impl RateLimitService for RateLimitApi {
         &self,
         request: Request<proto::ResetLimitsRequest>,
     ) -> Result<Response<proto::ResetLimitsResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         if request.keys.is_empty() {
             return Err(Error::invalid("keys", "must not be empty").into());
         }
         self.limits.keys("keys", &request.keys)?;
-        let reset = self.store.reset(&request.keys).await?;
+        let reset = self.store.reset(&space, &request.keys).await?;
         Ok(Response::new(proto::ResetLimitsResponse { reset }))
     }
 }

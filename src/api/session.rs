@@ -67,11 +67,12 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::CreateSessionRequest>,
     ) -> Result<Response<proto::CreateSessionResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "user_id".into(), &request.user_id)?;
         let data = self.data_json(request.data.as_ref())?;
         let ttl = self.limits.ttl(|| "ttl".into(), request.ttl, self.default_ttl)?;
-        let created = self.store.create(&request.user_id, &data, ttl).await?;
+        let created = self.store.create(&space, &request.user_id, &data, ttl).await?;
         Ok(Response::new(proto::CreateSessionResponse {
             session: Some(to_proto(created.session)?),
             evicted_session_ids: created.evicted,
@@ -82,9 +83,10 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::GetSessionRequest>,
     ) -> Result<Response<proto::GetSessionResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "session_id".into(), &request.session_id)?;
-        let session = self.store.get(&request.session_id, request.touch, None).await?;
+        let session = self.store.get(&space, &request.session_id, request.touch, None).await?;
         let session = session.map(to_proto).transpose()?;
         Ok(Response::new(proto::GetSessionResponse { found: session.is_some(), session }))
     }
@@ -93,10 +95,11 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::TouchSessionRequest>,
     ) -> Result<Response<proto::TouchSessionResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "session_id".into(), &request.session_id)?;
         let ttl = request.ttl.map(|ttl| self.limits.span(|| "ttl".into(), ttl, false)).transpose()?;
-        let session = self.store.get(&request.session_id, true, ttl).await?;
+        let session = self.store.get(&space, &request.session_id, true, ttl).await?;
         let session = session.map(to_proto).transpose()?;
         Ok(Response::new(proto::TouchSessionResponse { found: session.is_some(), session }))
     }
@@ -105,6 +108,7 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::UpdateSessionRequest>,
     ) -> Result<Response<proto::UpdateSessionResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "session_id".into(), &request.session_id)?;
         let update = if request.merge {
@@ -121,7 +125,7 @@ impl SessionService for SessionApi {
         } else {
             DataUpdate::Replace(self.data_json(request.data.as_ref())?)
         };
-        let session = match self.store.update(&request.session_id, &update).await? {
+        let session = match self.store.update(&space, &request.session_id, &update).await? {
             Updated::Done(session) => Some(to_proto(session)?),
             Updated::NotFound => None,
             Updated::TooLarge(len) => return Err(self.too_large(len).into()),
@@ -133,9 +137,10 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::DeleteSessionRequest>,
     ) -> Result<Response<proto::DeleteSessionResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "session_id".into(), &request.session_id)?;
-        let deleted = self.store.delete(&request.session_id).await?;
+        let deleted = self.store.delete(&space, &request.session_id).await?;
         Ok(Response::new(proto::DeleteSessionResponse { deleted }))
     }
 
@@ -143,9 +148,10 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::ListUserSessionsRequest>,
     ) -> Result<Response<proto::ListUserSessionsResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "user_id".into(), &request.user_id)?;
-        let sessions = self.store.list(&request.user_id).await?;
+        let sessions = self.store.list(&space, &request.user_id).await?;
         let sessions = sessions.into_iter().map(to_proto).collect::<Result<_, _>>()?;
         Ok(Response::new(proto::ListUserSessionsResponse { sessions }))
     }
@@ -154,12 +160,13 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::DeleteUserSessionsRequest>,
     ) -> Result<Response<proto::DeleteUserSessionsResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "user_id".into(), &request.user_id)?;
         if let Some(keep) = &request.keep_session_id {
             self.limits.key(|| "keep_session_id".into(), keep)?;
         }
-        let deleted = self.store.delete_user(&request.user_id, request.keep_session_id.as_deref()).await?;
+        let deleted = self.store.delete_user(&space, &request.user_id, request.keep_session_id.as_deref()).await?;
         Ok(Response::new(proto::DeleteUserSessionsResponse { deleted }))
     }
 
@@ -167,6 +174,7 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::RevokeTokenRequest>,
     ) -> Result<Response<proto::RevokeTokenResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.token(|| "token".into(), &request.token)?;
         let expires_at = request.expires_at.ok_or_else(|| Error::invalid("expires_at", "is required"))?;
@@ -178,7 +186,7 @@ impl SessionService for SessionApi {
             .seconds
             .saturating_mul(1000)
             .saturating_add(i64::from(expires_at.nanos.unsigned_abs().div_ceil(1_000_000)));
-        let revoked = match self.store.revoke(&request.token, expires_at_ms).await? {
+        let revoked = match self.store.revoke(&space, &request.token, expires_at_ms).await? {
             Revocation::Stored => true,
             Revocation::AlreadyExpired => false,
             Revocation::TooFar => {
@@ -193,12 +201,13 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::CheckTokensRequest>,
     ) -> Result<Response<proto::CheckTokensResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.batch("tokens", request.tokens.len())?;
         for (i, token) in request.tokens.iter().enumerate() {
             self.token(|| format!("tokens[{i}]"), token)?;
         }
-        let revoked = self.store.check(&request.tokens).await?;
+        let revoked = self.store.check(&space, &request.tokens).await?;
         Ok(Response::new(proto::CheckTokensResponse { revoked }))
     }
 }

@@ -94,6 +94,7 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::IncrementRequest>,
     ) -> Result<Response<proto::IncrementResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.non_empty_batch("deltas", request.deltas.len())?;
         let deltas = request
@@ -105,7 +106,7 @@ impl StatsService for StatsApi {
                 Ok((delta.name.as_str(), delta.amount.unwrap_or(1)))
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        let values = self.store.increment(&deltas).await?;
+        let values = self.store.increment(&space, &deltas).await?;
         Ok(Response::new(proto::IncrementResponse { values }))
     }
 
@@ -113,11 +114,12 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::GetSeriesRequest>,
     ) -> Result<Response<proto::GetSeriesResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "name".into(), &request.name)?;
         let g = granularity(request.granularity)?;
         let starts = self.range(g, request.start, request.end, "buckets")?;
-        let values = self.store.series(&request.name, g, &starts).await?;
+        let values = self.store.series(&space, &request.name, g, &starts).await?;
         let total = values.iter().fold(0i64, |sum, v| sum.saturating_add(*v));
         let buckets =
             starts.iter().zip(values).map(|(start, value)| proto::Bucket { start: Some(timestamp(*start)), value });
@@ -128,10 +130,11 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::GetTotalsRequest>,
     ) -> Result<Response<proto::GetTotalsResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.non_empty_batch("names", request.names.len())?;
         self.limits.keys("names", &request.names)?;
-        let values = self.store.totals(&request.names).await?;
+        let values = self.store.totals(&space, &request.names).await?;
         Ok(Response::new(proto::GetTotalsResponse { values }))
     }
 
@@ -139,10 +142,11 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::MarkActiveRequest>,
     ) -> Result<Response<proto::MarkActiveResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "group".into(), &request.group)?;
         self.limits.key(|| "member".into(), &request.member)?;
-        self.store.mark_active(&request.group, &request.member).await?;
+        self.store.mark_active(&space, &request.group, &request.member).await?;
         Ok(Response::new(proto::MarkActiveResponse {}))
     }
 
@@ -150,6 +154,7 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::CountActiveRequest>,
     ) -> Result<Response<proto::CountActiveResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "group".into(), &request.group)?;
         let window = request.window.ok_or_else(|| Error::invalid("window", "is required"))?;
@@ -161,7 +166,7 @@ impl StatsService for StatsApi {
             let max = humantime::format_duration(self.active_window_max);
             return Err(Error::invalid("window", format!("must be at most {max}")).into());
         }
-        let count = self.store.count_active(&request.group, window).await?;
+        let count = self.store.count_active(&space, &request.group, window).await?;
         Ok(Response::new(proto::CountActiveResponse { count }))
     }
 
@@ -169,11 +174,12 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::AddUniqueRequest>,
     ) -> Result<Response<proto::AddUniqueResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "name".into(), &request.name)?;
         self.non_empty_batch("members", request.members.len())?;
         self.limits.keys("members", &request.members)?;
-        let added = self.store.add_unique(&request.name, &request.members).await?;
+        let added = self.store.add_unique(&space, &request.name, &request.members).await?;
         Ok(Response::new(proto::AddUniqueResponse { added }))
     }
 
@@ -181,10 +187,11 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::CountUniqueRequest>,
     ) -> Result<Response<proto::CountUniqueResponse>, Status> {
+        let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.key(|| "name".into(), &request.name)?;
         let days = self.range(Granularity::Day, request.start, request.end, "days")?;
-        let count = self.store.count_unique(&request.name, &days).await?;
+        let count = self.store.count_unique(&space, &request.name, &days).await?;
         Ok(Response::new(proto::CountUniqueResponse { count }))
     }
 }

@@ -119,10 +119,15 @@ impl CacheStore {
         Self { redis, keys, channel, waiters, scripts, listener }
     }
 
+    /// The key space without a tenant; `Keys::tenant` derives a tenant's.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
     /// Reads entries in order: one script call per hash slot (one in all on
     /// a single server), sent together.
-    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Entry>> {
-        let entry_keys: Vec<String> = keys.iter().map(|key| self.keys.cache_entry(key)).collect();
+    pub async fn get_many(&self, space: &Keys, keys: &[String]) -> Result<Vec<Entry>> {
+        let entry_keys: Vec<String> = keys.iter().map(|key| space.cache_entry(key)).collect();
         let groups = self.redis.slot_groups(entry_keys.iter().map(String::as_str));
         let entry_keys = &entry_keys;
         let reads = groups.iter().map(|group| async move {
@@ -145,10 +150,10 @@ impl CacheStore {
     /// Writes one entry; false when the condition did not hold. With tags,
     /// the entry is first recorded in its tag indexes (a second round trip,
     /// since the indexes live in other slots).
-    pub async fn set(&self, write: &Write<'_>, condition: Condition) -> Result<bool> {
-        let recorded = self.record_tags(std::slice::from_ref(write)).await?;
+    pub async fn set(&self, space: &Keys, write: &Write<'_>, condition: Condition) -> Result<bool> {
+        let recorded = self.record_tags(space, std::slice::from_ref(write)).await?;
         let mut call = self.scripts.set.prepare_invoke();
-        call.key(self.keys.cache_entry(write.key));
+        call.key(space.cache_entry(write.key));
         call.arg(&self.channel).arg(write.value);
         expiry_args(&mut call, write, recorded);
         call.arg(match condition {
@@ -156,16 +161,16 @@ impl CacheStore {
             Condition::IfAbsent => "NX",
             Condition::IfPresent => "XX",
         });
-        self.tag_args(&mut call, write.tags);
+        self.tag_args(space, &mut call, write.tags);
         let stored: i64 = self.redis.invoke(&call).await?;
         Ok(stored == 1)
     }
 
     /// Writes every entry (after recording their tags); one script call per
     /// hash slot, sent together. Returns how many.
-    pub async fn set_many(&self, writes: &[Write<'_>]) -> Result<u32> {
-        let recorded = self.record_tags(writes).await?;
-        let entry_keys: Vec<String> = writes.iter().map(|w| self.keys.cache_entry(w.key)).collect();
+    pub async fn set_many(&self, space: &Keys, writes: &[Write<'_>]) -> Result<u32> {
+        let recorded = self.record_tags(space, writes).await?;
+        let entry_keys: Vec<String> = writes.iter().map(|w| space.cache_entry(w.key)).collect();
         let groups = self.redis.slot_groups(entry_keys.iter().map(String::as_str));
         let entry_keys = &entry_keys;
         let calls = groups.iter().map(|group| async move {
@@ -176,7 +181,7 @@ impl CacheStore {
                 call.key(&entry_keys[i]).arg(write.value);
                 expiry_args(&mut call, write, recorded);
                 call.arg(write.tags.len());
-                self.tag_args(&mut call, write.tags);
+                self.tag_args(space, &mut call, write.tags);
             }
             self.redis.invoke::<u32>(&call).await
         });
@@ -185,16 +190,16 @@ impl CacheStore {
 
     /// Deletes entries; returns how many existed. One script call per hash
     /// slot, sent together.
-    pub async fn delete(&self, keys: &[String]) -> Result<u32> {
-        let entry_keys: Vec<String> = keys.iter().map(|key| self.keys.cache_entry(key)).collect();
+    pub async fn delete(&self, space: &Keys, keys: &[String]) -> Result<u32> {
+        let entry_keys: Vec<String> = keys.iter().map(|key| space.cache_entry(key)).collect();
         self.delete_entries(&self.scripts.delete, &entry_keys, &[]).await
     }
 
     /// Sets a new TTL on a live entry; false when there is none. A tagged
     /// entry's indexes are extended first (two more round trips), so an index
     /// never expires before its entry.
-    pub async fn touch(&self, key: &str, ttl: Duration) -> Result<bool> {
-        let entry_key = self.keys.cache_entry(key);
+    pub async fn touch(&self, space: &Keys, key: &str, ttl: Duration) -> Result<bool> {
+        let entry_key = space.cache_entry(key);
         let mut call = self.scripts.touch.prepare_invoke();
         call.key(&entry_key).arg("PX").arg(millis(ttl));
         let reply: Vec<Value> = self.redis.invoke(&call).await?;
@@ -223,10 +228,16 @@ impl CacheStore {
     /// `max_wait` counts from the call: once it is over, the answer is
     /// `Timeout`, even if a read after the first is still waiting on a slow
     /// Redis (the first read is bounded only by the Redis timeout).
-    pub async fn fetch(self: &Arc<Self>, key: &str, fill_timeout: Duration, max_wait: Duration) -> Result<Fetched> {
+    pub async fn fetch(
+        self: &Arc<Self>,
+        space: &Keys,
+        key: &str,
+        fill_timeout: Duration,
+        max_wait: Duration,
+    ) -> Result<Fetched> {
         let deadline = Instant::now() + max_wait;
-        let entry_key = self.keys.cache_entry(key);
-        let lease_key = self.keys.cache_lease(key);
+        let entry_key = space.cache_entry(key);
+        let lease_key = space.cache_lease(key);
         match self.try_fetch(&entry_key, &lease_key, fill_timeout).await? {
             Attempt::Done(fetched) => return Ok(fetched),
             Attempt::Leased(_) if Instant::now() >= deadline => return Ok(Fetched::Timeout),
@@ -290,21 +301,21 @@ impl CacheStore {
     }
 
     /// Stores a value under a fill lease; false when the lease is not current.
-    pub async fn fill(&self, write: &Write<'_>, token: &str) -> Result<bool> {
-        let recorded = self.record_tags(std::slice::from_ref(write)).await?;
+    pub async fn fill(&self, space: &Keys, write: &Write<'_>, token: &str) -> Result<bool> {
+        let recorded = self.record_tags(space, std::slice::from_ref(write)).await?;
         let mut call = self.scripts.fill.prepare_invoke();
-        call.key(self.keys.cache_entry(write.key)).key(self.keys.cache_lease(write.key));
+        call.key(space.cache_entry(write.key)).key(space.cache_lease(write.key));
         call.arg(&self.channel).arg(token).arg(write.value);
         expiry_args(&mut call, write, recorded);
-        self.tag_args(&mut call, write.tags);
+        self.tag_args(space, &mut call, write.tags);
         let stored: i64 = self.redis.invoke(&call).await?;
         Ok(stored == 1)
     }
 
     /// Releases a fill lease without a value; false when it is not current.
-    pub async fn abandon_fill(&self, key: &str, token: &str) -> Result<bool> {
+    pub async fn abandon_fill(&self, space: &Keys, key: &str, token: &str) -> Result<bool> {
         let mut call = self.scripts.abandon_fill.prepare_invoke();
-        call.key(self.keys.cache_entry(key)).key(self.keys.cache_lease(key)).arg(&self.channel).arg(token);
+        call.key(space.cache_entry(key)).key(space.cache_lease(key)).arg(&self.channel).arg(token);
         let released: i64 = self.redis.invoke(&call).await?;
         Ok(released == 1)
     }
@@ -317,8 +328,8 @@ impl CacheStore {
     /// meanwhile. An entry whose write completed before this call began is
     /// in an index (writes record tags first), so it is gone when this
     /// returns; an interrupted invalidation leaves the indexes for the next.
-    pub async fn invalidate_tags(&self, tags: &[String]) -> Result<u32> {
-        let indexes: Vec<String> = tags.iter().map(|tag| self.keys.cache_tag(tag)).collect();
+    pub async fn invalidate_tags(&self, space: &Keys, tags: &[String]) -> Result<u32> {
+        let indexes: Vec<String> = tags.iter().map(|tag| space.cache_tag(tag)).collect();
         let reads = indexes.iter().map(|index| async move {
             let members: Vec<(String, String)> =
                 self.redis.query(redis::cmd("ZRANGE").arg(index).arg(0).arg(-1).arg("WITHSCORES")).await?;
@@ -363,15 +374,15 @@ impl CacheStore {
     /// Records each write's entry in the indexes of its tags, before the
     /// entries are written; `None` when no write has tags, else the Redis
     /// time from which the tagged entries' expiries are counted.
-    async fn record_tags(&self, writes: &[Write<'_>]) -> Result<Option<u64>> {
+    async fn record_tags(&self, space: &Keys, writes: &[Write<'_>]) -> Result<Option<u64>> {
         if writes.iter().all(|w| w.tags.is_empty()) {
             return Ok(None);
         }
-        let entry_keys: Vec<String> = writes.iter().map(|w| self.keys.cache_entry(w.key)).collect();
+        let entry_keys: Vec<String> = writes.iter().map(|w| space.cache_entry(w.key)).collect();
         let mut by_index: Vec<(String, Vec<(&str, Duration)>)> = Vec::new();
         for (write, entry) in writes.iter().zip(&entry_keys) {
             for tag in write.tags {
-                let index = self.keys.cache_tag(tag);
+                let index = space.cache_tag(tag);
                 match by_index.iter_mut().find(|(i, _)| *i == index) {
                     Some((_, entries)) => entries.push((entry, write.ttl)),
                     None => by_index.push((index, vec![(entry, write.ttl)])),
@@ -405,9 +416,9 @@ impl CacheStore {
     }
 
     /// Appends the tag-index key names of `tags` to a script's arguments.
-    fn tag_args(&self, call: &mut redis::ScriptInvocation<'_>, tags: &[String]) {
+    fn tag_args(&self, space: &Keys, call: &mut redis::ScriptInvocation<'_>, tags: &[String]) {
         for tag in tags {
-            call.arg(self.keys.cache_tag(tag));
+            call.arg(space.cache_tag(tag));
         }
     }
 }

@@ -101,6 +101,11 @@ impl LockStore {
         Self { redis, keys, channel, waiters, scripts, replicas, listener }
     }
 
+    /// The key space without a tenant; `Keys::tenant` derives a tenant's.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
     /// Takes lock `name` for `ttl`, waiting for it until `deadline` (`None`:
     /// try once). `None` when it was still held by someone else.
     ///
@@ -109,13 +114,14 @@ impl LockStore {
     /// gave up never ends up holding the lock.
     pub async fn acquire(
         self: &Arc<Self>,
+        space: &Keys,
         name: &str,
         owner: &str,
         ttl: Duration,
         deadline: Option<Instant>,
     ) -> Result<Option<Grant>> {
-        let key = self.keys.lock(name);
-        let fence = self.keys.lock_fence(name);
+        let key = space.lock(name);
+        let fence = space.lock_fence(name);
         let lease_id = random_token();
         let deadline = match self.attempt(&key, &fence, &lease_id, owner, ttl).await? {
             Attempt::Taken(grant) => return Ok(Some(grant)),
@@ -191,27 +197,27 @@ impl LockStore {
     }
 
     /// Releases the lease; false when it is not the holder's.
-    pub async fn release(&self, name: &str, lease_id: &str) -> Result<bool> {
+    pub async fn release(&self, space: &Keys, name: &str, lease_id: &str) -> Result<bool> {
         let mut call = self.scripts.release.prepare_invoke();
-        call.key(self.keys.lock(name)).arg(lease_id).arg(&self.channel);
+        call.key(space.lock(name)).arg(lease_id).arg(&self.channel);
         let released: i64 = self.redis.invoke(&call).await?;
         Ok(released == 1)
     }
 
     /// Sets the lease to end `ttl` from now; the new lease floor (as in
     /// [`Grant`]), or `None` when the lease is not the holder's.
-    pub async fn extend(&self, name: &str, lease_id: &str, ttl: Duration) -> Result<Option<Instant>> {
+    pub async fn extend(&self, space: &Keys, name: &str, lease_id: &str, ttl: Duration) -> Result<Option<Instant>> {
         let mut call = self.scripts.extend.prepare_invoke();
-        call.key(self.keys.lock(name)).arg(lease_id).arg(millis(ttl)).arg(&self.channel);
+        call.key(space.lock(name)).arg(lease_id).arg(millis(ttl)).arg(&self.channel);
         let sent = Instant::now();
         let extended: i64 = self.redis.invoke(&call).await?;
         Ok((extended == 1).then_some(sent + ttl))
     }
 
     /// Who holds lock `name`, if anyone.
-    pub async fn inspect(&self, name: &str) -> Result<Option<Holder>> {
+    pub async fn inspect(&self, space: &Keys, name: &str) -> Result<Option<Holder>> {
         let mut call = self.scripts.inspect.prepare_invoke();
-        call.key(self.keys.lock(name));
+        call.key(space.lock(name));
         let reply: Vec<Value> = self.redis.invoke(&call).await?;
         match reply.as_slice() {
             [Value::Int(0)] => Ok(None),

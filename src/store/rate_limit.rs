@@ -121,14 +121,19 @@ impl RateLimitStore {
         }
     }
 
+    /// The key space without a tenant; `Keys::tenant` derives a tenant's.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
     /// Decides `cost` against every limit and, unless `peek` or any limit
     /// denies, consumes it from all of them: one atomic step per hash slot
     /// (one in all on a single server). Verdicts come back in the order of
     /// `limits`.
-    pub async fn check(&self, limits: &[Limit<'_>], cost: u64, peek: bool) -> Result<Vec<Decision>> {
+    pub async fn check(&self, space: &Keys, limits: &[Limit<'_>], cost: u64, peek: bool) -> Result<Vec<Decision>> {
         let parts: Vec<Part<'_>> =
             limits.iter().map(|limit| Part { limit: limit.clone(), cost, peek, advisory: false }).collect();
-        self.check_each(&parts).await
+        self.check_each(space, &parts).await
     }
 
     /// Decides every part against its own cost and, when every part that is
@@ -137,8 +142,8 @@ impl RateLimitStore {
     /// per hash slot (one in all on a single server); a slot that consumed
     /// while another denied is refunded. Verdicts come back in the order of
     /// `parts`.
-    pub async fn check_each(&self, parts: &[Part<'_>]) -> Result<Vec<Decision>> {
-        let keys: Vec<String> = parts.iter().map(|part| self.state_key(&part.limit)).collect();
+    pub async fn check_each(&self, space: &Keys, parts: &[Part<'_>]) -> Result<Vec<Decision>> {
+        let keys: Vec<String> = parts.iter().map(|part| self.state_key(space, &part.limit)).collect();
         let groups = self.redis.slot_groups(keys.iter().map(String::as_str));
         let keys = &keys;
         let runs = groups.iter().map(|group| async move {
@@ -205,15 +210,13 @@ impl RateLimitStore {
     /// Clears every algorithm's state of each key; returns how many keys had
     /// any (a repeated key counts once). One script call per hash slot of
     /// the state keys, sent together.
-    pub async fn reset(&self, keys: &[String]) -> Result<u32> {
+    pub async fn reset(&self, space: &Keys, keys: &[String]) -> Result<u32> {
         let mut unique: Vec<&String> = keys.iter().collect();
         unique.sort_unstable();
         unique.dedup();
         let states: Vec<String> = unique
             .iter()
-            .flat_map(|key| {
-                [self.keys.rate_limit_fixed(key), self.keys.rate_limit_sliding(key), self.keys.rate_limit_bucket(key)]
-            })
+            .flat_map(|key| [space.rate_limit_fixed(key), space.rate_limit_sliding(key), space.rate_limit_bucket(key)])
             .collect();
         let groups = self.redis.slot_groups(states.iter().map(String::as_str));
         let states = &states;
@@ -235,11 +238,11 @@ impl RateLimitStore {
     }
 
     /// The state key of a limit.
-    fn state_key(&self, limit: &Limit<'_>) -> String {
+    fn state_key(&self, space: &Keys, limit: &Limit<'_>) -> String {
         match limit.algorithm {
-            Algorithm::FixedWindow => self.keys.rate_limit_fixed(limit.key),
-            Algorithm::SlidingWindow => self.keys.rate_limit_sliding(limit.key),
-            Algorithm::TokenBucket => self.keys.rate_limit_bucket(limit.key),
+            Algorithm::FixedWindow => space.rate_limit_fixed(limit.key),
+            Algorithm::SlidingWindow => space.rate_limit_sliding(limit.key),
+            Algorithm::TokenBucket => space.rate_limit_bucket(limit.key),
         }
     }
 }

@@ -132,15 +132,20 @@ impl SessionStore {
         Self { redis, keys, max_per_user, max_data_bytes, max_ttl, scripts }
     }
 
+    /// The key space without a tenant; `Keys::tenant` derives a tenant's.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
     /// Creates a session for `user_id` with `data` (a JSON object's text)
     /// and idle timeout `ttl`, evicting beyond the per-user cap.
-    pub async fn create(&self, user_id: &str, data: &str, ttl: Duration) -> Result<Created> {
+    pub async fn create(&self, space: &Keys, user_id: &str, data: &str, ttl: Duration) -> Result<Created> {
         // A taken id is as likely as guessing a 128-bit secret; drawing again
         // is still cheaper than reasoning about it.
         for _ in 0..3 {
             let id = new_session_id(user_id);
             let mut call = self.scripts.create.prepare_invoke();
-            call.key(self.keys.session(&id)).key(self.keys.user_sessions(user_id));
+            call.key(space.session(&id)).key(space.user_sessions(user_id));
             call.arg(&id).arg(user_id).arg(data).arg(millis(ttl)).arg(self.max_per_user);
             let reply: Vec<Value> = self.redis.invoke(&call).await?;
             match reply.as_slice() {
@@ -164,9 +169,15 @@ impl SessionStore {
 
     /// Reads a session; with `touch`, slides its idle timeout first, by `ttl`
     /// (which the session then keeps) or else by its own idle timeout.
-    pub async fn get(&self, id: &str, touch: bool, ttl: Option<Duration>) -> Result<Option<SessionRecord>> {
+    pub async fn get(
+        &self,
+        space: &Keys,
+        id: &str,
+        touch: bool,
+        ttl: Option<Duration>,
+    ) -> Result<Option<SessionRecord>> {
         let mut call = self.scripts.get.prepare_invoke();
-        call.key(self.keys.session(id));
+        call.key(space.session(id));
         call.arg(if touch { "1" } else { "0" }).arg(ttl.map(|ttl| millis(ttl).to_string()).unwrap_or_default());
         let reply: Value = self.redis.invoke(&call).await?;
         match &reply {
@@ -176,9 +187,9 @@ impl SessionStore {
     }
 
     /// Replaces or merges a session's data, keeping its expiry.
-    pub async fn update(&self, id: &str, update: &DataUpdate) -> Result<Updated> {
+    pub async fn update(&self, space: &Keys, id: &str, update: &DataUpdate) -> Result<Updated> {
         let mut call = self.scripts.update.prepare_invoke();
-        call.key(self.keys.session(id));
+        call.key(space.session(id));
         match update {
             DataUpdate::Replace(data) => {
                 call.arg("replace").arg(self.max_data_bytes).arg(data);
@@ -201,38 +212,38 @@ impl SessionStore {
     }
 
     /// Deletes a session; false when there was no live one.
-    pub async fn delete(&self, id: &str) -> Result<bool> {
+    pub async fn delete(&self, space: &Keys, id: &str) -> Result<bool> {
         let mut call = self.scripts.delete.prepare_invoke();
-        call.key(self.keys.session(id));
+        call.key(space.session(id));
         let deleted: i64 = self.redis.invoke(&call).await?;
         Ok(deleted == 1)
     }
 
     /// A user's live sessions, newest first.
-    pub async fn list(&self, user_id: &str) -> Result<Vec<SessionRecord>> {
+    pub async fn list(&self, space: &Keys, user_id: &str) -> Result<Vec<SessionRecord>> {
         let mut call = self.scripts.list.prepare_invoke();
-        call.key(self.keys.user_sessions(user_id));
+        call.key(space.user_sessions(user_id));
         let rows: Vec<Value> = self.redis.invoke(&call).await?;
         rows.iter().map(record).collect()
     }
 
     /// Deletes all of a user's sessions but `keep` (if it is one of them);
     /// returns how many live ones were deleted.
-    pub async fn delete_user(&self, user_id: &str, keep: Option<&str>) -> Result<u64> {
+    pub async fn delete_user(&self, space: &Keys, user_id: &str, keep: Option<&str>) -> Result<u64> {
         let mut call = self.scripts.delete_user.prepare_invoke();
-        call.key(self.keys.user_sessions(user_id));
+        call.key(space.user_sessions(user_id));
         // A session of this user carries the user's tag; any other id cannot
         // be one of them (and names a key in another hash slot).
         if let Some(keep) = keep.filter(|keep| keep.starts_with(&crate::keys::user_tag(user_id))) {
-            call.key(self.keys.session(keep));
+            call.key(space.session(keep));
         }
         self.redis.invoke(&call).await
     }
 
     /// Revokes `token` until `expires_at_ms` (Unix ms).
-    pub async fn revoke(&self, token: &str, expires_at_ms: i64) -> Result<Revocation> {
+    pub async fn revoke(&self, space: &Keys, token: &str, expires_at_ms: i64) -> Result<Revocation> {
         let mut call = self.scripts.revoke.prepare_invoke();
-        call.key(self.keys.revoked_token(&token_hash(token)));
+        call.key(space.revoked_token(&token_hash(token)));
         call.arg(expires_at_ms).arg(millis(self.max_ttl));
         let outcome: i64 = self.redis.invoke(&call).await?;
         match outcome {
@@ -244,13 +255,13 @@ impl SessionStore {
     }
 
     /// For each token, in order, whether it is revoked; one MGET.
-    pub async fn check(&self, tokens: &[String]) -> Result<Vec<bool>> {
+    pub async fn check(&self, space: &Keys, tokens: &[String]) -> Result<Vec<bool>> {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
         let mut cmd = redis::cmd("MGET");
         for token in tokens {
-            cmd.arg(self.keys.revoked_token(&token_hash(token)));
+            cmd.arg(space.revoked_token(&token_hash(token)));
         }
         let values: Vec<Option<Vec<u8>>> = self.redis.query(&cmd).await?;
         if values.len() != tokens.len() {

@@ -67,6 +67,11 @@ impl StatsStore {
         Self { redis, keys, calendar, retention, active_window_max, scripts }
     }
 
+    /// The key space without a tenant; `Keys::tenant` derives a tenant's.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
     /// Adds each `(name, amount)` to its counter's current buckets and total;
     /// returns the totals right after each, in order. One round trip (one
     /// script call per hash slot on Redis Cluster, sent together). A delta
@@ -75,12 +80,12 @@ impl StatsStore {
     /// read and checked first, so only an increment racing this one past
     /// the int64 range between that read and the write could leave the other
     /// slots' deltas applied.
-    pub async fn increment(&self, deltas: &[(&str, i64)]) -> Result<Vec<i64>> {
-        let keys: Vec<String> = deltas.iter().map(|(name, _)| self.keys.stats_counter(name)).collect();
+    pub async fn increment(&self, space: &Keys, deltas: &[(&str, i64)]) -> Result<Vec<i64>> {
+        let keys: Vec<String> = deltas.iter().map(|(name, _)| space.stats_counter(name)).collect();
         let groups = self.redis.slot_groups(keys.iter().map(String::as_str));
         if groups.len() > 1 {
             let names: Vec<String> = deltas.iter().map(|(name, _)| name.to_string()).collect();
-            let mut totals = self.totals(&names).await?;
+            let mut totals = self.totals(space, &names).await?;
             for (i, (_, amount)) in deltas.iter().enumerate() {
                 totals[i] = totals[i].checked_add(*amount).ok_or_else(|| overflow(i))?;
                 // Later deltas of the same name add to this one.
@@ -136,15 +141,15 @@ impl StatsStore {
 
     /// The values of counter `name`'s buckets starting at `starts` (zero when
     /// absent or expired), in one MGET.
-    pub async fn series(&self, name: &str, g: Granularity, starts: &[i64]) -> Result<Vec<i64>> {
-        let keys: Vec<String> = starts.iter().map(|start| self.keys.stats_bucket(name, g.tag(), *start)).collect();
+    pub async fn series(&self, space: &Keys, name: &str, g: Granularity, starts: &[i64]) -> Result<Vec<i64>> {
+        let keys: Vec<String> = starts.iter().map(|start| space.stats_bucket(name, g.tag(), *start)).collect();
         self.read_counts(&keys).await
     }
 
     /// The all-time totals of `names` (zero for a name never written), in one
     /// MGET.
-    pub async fn totals(&self, names: &[String]) -> Result<Vec<i64>> {
-        let keys: Vec<String> = names.iter().map(|name| self.keys.stats_total(name)).collect();
+    pub async fn totals(&self, space: &Keys, names: &[String]) -> Result<Vec<i64>> {
+        let keys: Vec<String> = names.iter().map(|name| space.stats_total(name)).collect();
         self.read_counts(&keys).await
     }
 
@@ -160,24 +165,24 @@ impl StatsStore {
     }
 
     /// Records `member` of `group` as seen now (Redis time).
-    pub async fn mark_active(&self, group: &str, member: &str) -> Result<()> {
+    pub async fn mark_active(&self, space: &Keys, group: &str, member: &str) -> Result<()> {
         let mut call = self.scripts.mark_active.prepare_invoke();
-        call.key(self.keys.stats_active(group)).arg(member).arg(millis(self.active_window_max));
+        call.key(space.stats_active(group)).arg(member).arg(millis(self.active_window_max));
         let _: i64 = self.redis.invoke(&call).await?;
         Ok(())
     }
 
     /// How many members of `group` were seen within `window` before now.
-    pub async fn count_active(&self, group: &str, window: Duration) -> Result<u64> {
+    pub async fn count_active(&self, space: &Keys, group: &str, window: Duration) -> Result<u64> {
         let mut call = self.scripts.count_active.prepare_invoke();
-        call.key(self.keys.stats_active(group)).arg(millis(window));
+        call.key(space.stats_active(group)).arg(millis(window));
         self.redis.invoke(&call).await
     }
 
     /// Adds `members` to today's HyperLogLog of `name`; true when it changed.
-    pub async fn add_unique(&self, name: &str, members: &[String]) -> Result<bool> {
+    pub async fn add_unique(&self, space: &Keys, name: &str, members: &[String]) -> Result<bool> {
         let mut call = self.scripts.add_unique.prepare_invoke();
-        call.key(self.keys.stats_unique(name)).arg(millis(self.retention.day));
+        call.key(space.stats_unique(name)).arg(millis(self.retention.day));
         self.clock_args(&mut call)?;
         call.arg(members);
         let changed: i64 = self.redis.invoke(&call).await?;
@@ -186,11 +191,11 @@ impl StatsStore {
 
     /// The estimated distinct members of `name` over the days starting at
     /// `day_starts` (the union of their HyperLogLogs), in one PFCOUNT.
-    pub async fn count_unique(&self, name: &str, day_starts: &[i64]) -> Result<u64> {
+    pub async fn count_unique(&self, space: &Keys, name: &str, day_starts: &[i64]) -> Result<u64> {
         if day_starts.is_empty() {
             return Ok(0);
         }
-        let keys: Vec<String> = day_starts.iter().map(|start| self.keys.stats_unique_day(name, *start)).collect();
+        let keys: Vec<String> = day_starts.iter().map(|start| space.stats_unique_day(name, *start)).collect();
         self.redis.query(redis::cmd("PFCOUNT").arg(keys)).await
     }
 
