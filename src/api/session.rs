@@ -190,7 +190,7 @@ impl SessionService for SessionApi {
             Revocation::Stored => true,
             Revocation::AlreadyExpired => false,
             Revocation::TooFar => {
-                let max = humantime::format_duration(limits.max_ttl);
+                let max = humantime::format_duration(self.store.max_revocation());
                 return Err(Error::invalid("expires_at", format!("must be at most {max} from now")).into());
             }
         };

@@ -1,7 +1,9 @@
 //! `cachecoord-healthcheck [ADDR]`: exits 0 when the server at ADDR reports
 //! SERVING over grpc.health.v1, 1 otherwise. ADDR defaults to
 //! http://127.0.0.1 on the port of `CACHECOORD_LISTEN` (else 50051), so the
-//! check follows the server's own setting inside a container.
+//! check follows the server's own setting inside a container. When the
+//! server requires a key for health (`--auth-health-needs-key`), set
+//! `CACHECOORD_HEALTHCHECK_API_KEY`.
 
 use std::{process::ExitCode, time::Duration};
 
@@ -24,7 +26,14 @@ async fn main() -> ExitCode {
             .await
             .map_err(|e| e.to_string())?;
         let mut client = HealthClient::new(channel);
-        let response = client.check(HealthCheckRequest { service: String::new() }).await.map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
+        if let Ok(key) = std::env::var("CACHECOORD_HEALTHCHECK_API_KEY") {
+            let value = format!("Bearer {key}")
+                .parse()
+                .map_err(|_| "CACHECOORD_HEALTHCHECK_API_KEY is not a valid header value")?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let response = client.check(request).await.map_err(|e| e.to_string())?;
         Ok::<_, String>(response.into_inner().status())
     };
     match tokio::time::timeout(Duration::from_secs(3), check).await {

@@ -16,6 +16,8 @@ from .errors import (
     InvalidArgument,
     LockLost,
     LockNotAcquired,
+    PermissionDenied,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
 )
@@ -41,10 +43,12 @@ __all__ = [
     "LockInfo",
     "LockLost",
     "LockNotAcquired",
+    "PermissionDenied",
     "RateLimitResult",
     "Series",
     "Serializer",
     "Session",
+    "Unauthenticated",
     "Unavailable",
     "Unimplemented",
 ]

@@ -33,13 +33,25 @@ def _stubs(channel: Any) -> Dict[str, Any]:
     }
 
 
+def _auth_metadata(api_key: Optional[str]) -> Optional[Tuple[Tuple[str, str], ...]]:
+    """The metadata that presents api_key (``authorization: Bearer <key>``), if any."""
+    if api_key is None:
+        return None
+    if not api_key or any(c.isspace() for c in api_key):
+        raise ValueError("api_key must be a non-empty key without whitespace")
+    return (("authorization", f"Bearer {api_key}"),)
+
+
 class Client:
     """A blocking client for cachecoord, safe to share between threads.
 
     ``Client("localhost:50051")`` opens a plaintext channel; pass ``credentials`` for TLS
     or ``channel`` to bring your own. ``timeout`` is the default deadline of every call in
     seconds (calls that wait server-side get that wait on top); ``retries`` is how often
-    idempotent calls are retried after UNAVAILABLE. Use as a context manager or ``close()``.
+    idempotent calls are retried after UNAVAILABLE. ``api_key`` is sent with every call
+    (``authorization: Bearer <key>``) to a service that requires keys; without one, or
+    with one it does not hold, calls raise ``Unauthenticated``, and ``PermissionDenied``
+    when the key may not call the method. Use as a context manager or ``close()``.
     """
 
     def __init__(
@@ -51,6 +63,7 @@ class Client:
         credentials: Optional[grpc.ChannelCredentials] = None,
         options: Optional[Options] = None,
         channel: Optional[grpc.Channel] = None,
+        api_key: Optional[str] = None,
     ) -> None:
         if channel is None:
             channel = (
@@ -59,7 +72,7 @@ class Client:
                 else grpc.insecure_channel(target, options)
             )
         self._channel = channel
-        runner = SyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries))
+        runner = SyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries, metadata=_auth_metadata(api_key)))
         #: CacheService.
         self.cache = Cache(runner)
         #: SessionService.
@@ -86,7 +99,7 @@ class AsyncClient:
     """The asyncio client (grpc.aio); the same facades with awaitable methods.
 
     Create it inside the running event loop; ``async with AsyncClient(...) as client:``
-    or ``await client.close()``.
+    or ``await client.close()``. The arguments are those of ``Client``.
     """
 
     def __init__(
@@ -98,6 +111,7 @@ class AsyncClient:
         credentials: Optional[grpc.ChannelCredentials] = None,
         options: Optional[Options] = None,
         channel: Optional[grpc.aio.Channel] = None,
+        api_key: Optional[str] = None,
     ) -> None:
         if channel is None:
             channel = (
@@ -106,7 +120,7 @@ class AsyncClient:
                 else grpc.aio.insecure_channel(target, options)
             )
         self._channel = channel
-        runner = AsyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries))
+        runner = AsyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries, metadata=_auth_metadata(api_key)))
         #: CacheService.
         self.cache = AsyncCache(runner)
         #: SessionService.
