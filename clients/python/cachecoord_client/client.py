@@ -16,6 +16,7 @@ from ._proto.cachecoord.v1 import (
 )
 from .cache import AsyncCache, Cache
 from .locks import AsyncLocks, Locks
+from .near_cache import AsyncWatcher, NearCacheOption, Store, SyncWatcher, settings
 from .rate_limit import AsyncRateLimits, RateLimits
 from .sessions import AsyncSessions, Sessions
 from .stats import AsyncStats, Stats
@@ -39,7 +40,10 @@ class Client:
     ``Client("localhost:50051")`` opens a plaintext channel; pass ``credentials`` for TLS
     or ``channel`` to bring your own. ``timeout`` is the default deadline of every call in
     seconds (calls that wait server-side get that wait on top); ``retries`` is how often
-    idempotent calls are retried after UNAVAILABLE. Use as a context manager or ``close()``.
+    idempotent calls are retried after UNAVAILABLE. ``near_cache`` (a ``NearCache``, or
+    True for its defaults) keeps hot cache entries in this process, dropped as soon as the
+    service reports them changed (see ``cachecoord_client.near_cache``). Use as a context
+    manager or ``close()``.
     """
 
     def __init__(
@@ -51,6 +55,7 @@ class Client:
         credentials: Optional[grpc.ChannelCredentials] = None,
         options: Optional[Options] = None,
         channel: Optional[grpc.Channel] = None,
+        near_cache: NearCacheOption = None,
     ) -> None:
         if channel is None:
             channel = (
@@ -59,9 +64,13 @@ class Client:
                 else grpc.insecure_channel(target, options)
             )
         self._channel = channel
-        runner = SyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries))
+        stubs = _stubs(channel)
+        runner = SyncRunner(stubs, CallPolicy(timeout=timeout, retries=retries))
+        config = settings(near_cache)
+        near = Store(config) if config is not None else None
+        self._watcher = SyncWatcher(stubs["cache"], near) if near is not None else None
         #: CacheService.
-        self.cache = Cache(runner)
+        self.cache = Cache(runner, near)
         #: SessionService.
         self.sessions = Sessions(runner)
         #: RateLimitService.
@@ -72,7 +81,9 @@ class Client:
         self.stats = Stats(runner)
 
     def close(self) -> None:
-        """Closes the channel."""
+        """Stops the near cache's watch (if any) and closes the channel."""
+        if self._watcher is not None:
+            self._watcher.close()
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -98,6 +109,7 @@ class AsyncClient:
         credentials: Optional[grpc.ChannelCredentials] = None,
         options: Optional[Options] = None,
         channel: Optional[grpc.aio.Channel] = None,
+        near_cache: NearCacheOption = None,
     ) -> None:
         if channel is None:
             channel = (
@@ -106,9 +118,13 @@ class AsyncClient:
                 else grpc.aio.insecure_channel(target, options)
             )
         self._channel = channel
-        runner = AsyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries))
+        stubs = _stubs(channel)
+        runner = AsyncRunner(stubs, CallPolicy(timeout=timeout, retries=retries))
+        config = settings(near_cache)
+        near = Store(config) if config is not None else None
+        self._watcher = AsyncWatcher(stubs["cache"], near) if near is not None else None
         #: CacheService.
-        self.cache = AsyncCache(runner)
+        self.cache = AsyncCache(runner, near)
         #: SessionService.
         self.sessions = AsyncSessions(runner)
         #: RateLimitService.
@@ -119,7 +135,9 @@ class AsyncClient:
         self.stats = AsyncStats(runner)
 
     async def close(self) -> None:
-        """Closes the channel."""
+        """Stops the near cache's watch (if any) and closes the channel."""
+        if self._watcher is not None:
+            await self._watcher.close()
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncClient":
