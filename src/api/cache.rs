@@ -112,7 +112,11 @@ impl CacheService for CacheApi {
         let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.limits.keys("prefixes", &request.prefixes)?;
-        let watching = Watching { watch: self.store.watch(&space).await?, prefixes: request.prefixes, stopping: self.stopping.clone() };
+        let watching = Watching {
+            watch: self.store.watch(&space).await?,
+            prefixes: request.prefixes,
+            stopping: self.stopping.clone(),
+        };
         // The first message says the watch is in force; then one per batch,
         // until an error ends the stream. No task: tonic polls this stream
         // only when the watch has something to say.

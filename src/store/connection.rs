@@ -386,7 +386,9 @@ impl Redis {
             .set_push_sender(pushes);
         self.bounded(async {
             match &*self.shared.kind {
-                Kind::Standalone(client) => Ok(Some(client.get_multiplexed_async_connection_with_config(&config).await?)),
+                Kind::Standalone(client) => {
+                    Ok(Some(client.get_multiplexed_async_connection_with_config(&config).await?))
+                }
                 Kind::Sentinel(sentinel) => {
                     let client = sentinel.lock().await.async_get_client().await?;
                     Ok(Some(client.get_multiplexed_async_connection_with_config(&config).await?))

@@ -156,9 +156,11 @@ impl Invalidations {
             let _ = events.send(Arc::new(change));
             Ok(())
         };
-        let mut conn = self.redis.push_connection(pushes).await?.ok_or(Error::Unsupported(
-            "near-cache invalidations are not available on Redis Cluster",
-        ))?;
+        let mut conn = self
+            .redis
+            .push_connection(pushes)
+            .await?
+            .ok_or(Error::Unsupported("near-cache invalidations are not available on Redis Cluster"))?;
         self.track(&mut conn, tracking.prefixes.iter()).await?;
         tracking.conn = Some((conn, closed));
         Ok(())

@@ -154,7 +154,7 @@ def run(args: Any, rport: int, targets: List[str], pid_b: int) -> None:
     key = "bench:user:42"
     plain = Client(targets[0])
     near = Client(targets[1], near_cache=NearCache(max_entries=1000))
-    while not near.cache.near_stats().live:  # type: ignore[union-attr]
+    while not near.cache.near_stats.live:  # type: ignore[union-attr]
         time.sleep(0.001)
     plain.cache.set(key, VALUE, ttl=3600)
     r = redis_py.Redis(port=rport)
@@ -185,7 +185,7 @@ def run(args: Any, rport: int, targets: List[str], pid_b: int) -> None:
     print("|---|---:|---:|")
     for name, per_s in results:
         print(f"| {name} | {per_s:,.0f} | {per_s / floor:.1f} |")
-    stats = near.cache.near_stats()
+    stats = near.cache.near_stats
     print(f"\nnear cache: hit ratio {stats.hit_ratio:.4f}, {stats.size} entries")  # type: ignore[union-attr]
 
     # --- invalidation latency ----------------------------------------------------------

@@ -229,8 +229,9 @@ class Cache:
         self._run = runner.run
         self._near = near
 
+    @property
     def near_stats(self) -> Optional[NearCacheStats]:
-        """The near cache's counters (hit ratio, size, ...); None when it is off."""
+        """The near cache's counters now (hit ratio, size, ...); None when it is off."""
         return self._near.stats() if self._near is not None else None
 
     def get(self, key: str, *, timeout: Optional[float] = None) -> Optional[bytes]:
@@ -418,6 +419,7 @@ class AsyncCache:
         self._run = runner.run
         self._near = near
 
+    @property
     def near_stats(self) -> Optional[NearCacheStats]:
         """See ``Cache.near_stats``."""
         return self._near.stats() if self._near is not None else None

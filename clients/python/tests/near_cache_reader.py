@@ -15,15 +15,20 @@ import json
 import sys
 import time
 
-from cachecoord_client import Client, NearCache
+from cachecoord_client import Client, NearCache, NearCacheStats
 
 
 def main() -> None:
     target, key, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
     client = Client(target, timeout=10.0, near_cache=NearCache(prefixes=[key]))
-    stats = client.cache.near_stats
+
+    def stats() -> NearCacheStats:
+        snapshot = client.cache.near_stats
+        assert snapshot is not None
+        return snapshot
+
     deadline = time.monotonic() + 30
-    while not stats().live:  # type: ignore[union-attr]
+    while not stats().live:
         if time.monotonic() > deadline:
             raise SystemExit("the near cache never went live")
         time.sleep(0.005)
@@ -32,7 +37,7 @@ def main() -> None:
     last = -1
     end = time.monotonic() + seconds
     while time.monotonic() < end:
-        seen = stats().invalidations  # type: ignore[union-attr]
+        seen = stats().invalidations
         value = client.cache.get(key)
         version = int(value) if value is not None else -1
         reads += 1
@@ -48,8 +53,8 @@ def main() -> None:
         "stale": stale,
         "backwards": backwards,
         "last": last,
-        "hits": final.hits,  # type: ignore[union-attr]
-        "invalidations": final.invalidations,  # type: ignore[union-attr]
+        "hits": final.hits,
+        "invalidations": final.invalidations,
     }
     print(json.dumps(report), flush=True)
 
