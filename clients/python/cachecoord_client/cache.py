@@ -201,8 +201,15 @@ def _key_builder(func: Callable[..., Any], key: KeySpec) -> Callable[..., str]:
     sig = inspect.signature(func)
     if isinstance(key, str):
         template = key
+        params = list(sig.parameters.values())
+        # Every argument given positionally, none left to a default: the arguments by
+        # name without binding (the hot path of a near-cached call).
+        names = tuple(p.name for p in params)
+        positional = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
         def from_template(*args: Any, **kwargs: Any) -> str:
+            if positional and not kwargs and len(args) == len(names):
+                return template.format_map(dict(zip(names, args)))
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             return template.format(**bound.arguments)
