@@ -62,8 +62,9 @@ def test_every_write_path_invalidates(client, other, ns):
     with near_client(other) as reader:
 
         def check(key: str, write) -> None:
-            if reader.cache.get(key) is None:
-                client.cache.set(key, b"old", tags=[ns + "tag"])
+            before = reader.cache.near_stats.invalidations
+            client.cache.set(key, b"old", tags=[ns + "tag"])
+            wait_until(lambda: reader.cache.near_stats.invalidations > before, "the first write's invalidation")
             hold(reader, key)
             before = reader.cache.near_stats.invalidations
             write()
@@ -153,7 +154,9 @@ def test_prefixes_limit_what_is_held(client, other, ns):
 def test_max_entries_bounds_memory(client, other, ns):
     with near_client(other, max_entries=3) as reader:
         keys = [ns + str(i) for i in range(5)]
+        before = reader.cache.near_stats.invalidations
         client.cache.set_many({k: b"v" for k in keys})
+        wait_until(lambda: reader.cache.near_stats.invalidations >= before + 5, "the writes' invalidations")
         for k in keys:
             hold(reader, k)
         assert reader.cache.near_stats.size == 3
