@@ -178,9 +178,15 @@ def run(args: Any, rport: int, targets: List[str], pid_b: int) -> None:
         ("@cached, no near cache", lambda: cached_plain(42)),
         ("@cached, near cache (hot)", lambda: cached_near(42)),
     ]
-    results = [(name, rate(fn, args.seconds)) for name, fn in rows]
+    # Rows interleaved, three rounds, best of each: on a shared machine a row that was
+    # descheduled for a moment is not the row's cost.
+    best = [0.0] * len(rows)
+    for _ in range(3):
+        for i, (_, fn) in enumerate(rows):
+            best[i] = max(best[i], rate(fn, args.seconds / 3))
+    results = [(name, per_s) for (name, _), per_s in zip(rows, best)]
     floor = results[0][1]
-    print("\n## Hot reads, one thread\n")
+    print("\n## Hot reads, one thread (best of 3 interleaved rounds)\n")
     print("| path | reads/s | × redis-py |")
     print("|---|---:|---:|")
     for name, per_s in results:
@@ -219,18 +225,19 @@ def run(args: Any, rport: int, targets: List[str], pid_b: int) -> None:
     # --- 1,000 watch streams -----------------------------------------------------------
     async def streams() -> None:
         rss0, cpu0 = proc_stat(pid_b)
+        await asyncio.sleep(5)
+        _, cpu0b = proc_stat(pid_b)
         held = await open_watches(targets[1], args.streams, max(1, args.streams // 100))
         await asyncio.sleep(1)
-        rss1, cpu1 = proc_stat(pid_b)
+        _, cpu1 = proc_stat(pid_b)
         await asyncio.sleep(5)
         rss2, cpu2 = proc_stat(pid_b)
         print(f"\n## Instance B with {args.streams} open watch streams\n")
-        print("| | RSS | CPU while idle |")
+        print("| | RSS | CPU in 5 s idle (health probe included) |")
         print("|---|---:|---:|")
-        print(f"| before | {rss0 / 1024:.1f} MiB | |")
-        print(f"| {args.streams} streams open | {rss1 / 1024:.1f} MiB "
-              f"(+{(rss1 - rss0) / args.streams:.1f} KiB/stream) | |")
-        print(f"| after 5 s idle | {rss2 / 1024:.1f} MiB | {(cpu2 - cpu1) * 1000:.0f} ms in 5 s |")
+        print(f"| no stream | {rss0 / 1024:.1f} MiB | {(cpu0b - cpu0) * 1000:.0f} ms |")
+        print(f"| {args.streams} streams open | {rss2 / 1024:.1f} MiB "
+              f"(+{(rss2 - rss0) / args.streams:.1f} KiB/stream) | {(cpu2 - cpu1) * 1000:.0f} ms |")
         for call in held[1]:
             call.cancel()
         for chan in held[0]:
