@@ -194,6 +194,8 @@ def op_invalidate_tags(tags: Sequence[str]) -> Op[int]:
 
 KeySpec = Union[str, Callable[..., str], None]
 
+_PLAIN = (str, int)
+
 
 def _key_builder(func: Callable[..., Any], key: KeySpec) -> Callable[..., str]:
     if callable(key):
@@ -207,9 +209,22 @@ def _key_builder(func: Callable[..., Any], key: KeySpec) -> Callable[..., str]:
         names = tuple(p.name for p in params)
         positional = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
 
+        # Keys already built for arguments that are all str or int (exact types: their
+        # text never changes, and True or 1.0 never stand in for 1); bounded.
+        built: Dict[Tuple[Any, ...], str] = {}
+
         def from_template(*args: Any, **kwargs: Any) -> str:
             if positional and not kwargs and len(args) == len(names):
-                return template.format_map(dict(zip(names, args)))
+                for a in args:
+                    if type(a) not in _PLAIN:
+                        return template.format_map(dict(zip(names, args)))
+                k = built.get(args)
+                if k is None:
+                    k = template.format_map(dict(zip(names, args)))
+                    if len(built) >= 4096:
+                        built.clear()
+                    built[args] = k
+                return k
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             return template.format(**bound.arguments)
