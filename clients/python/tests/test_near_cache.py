@@ -260,3 +260,14 @@ def test_zero_stale_reads_with_a_writer_and_8_readers_in_processes(client, other
     assert all(rep["stale"] == 0 and rep["backwards"] == 0 for rep in reports), reports
     assert all(rep["reads"] > 0 and rep["hits"] > 0 and rep["invalidations"] > 0 for rep in reports), reports
     assert max(rep["last"] for rep in reports) <= written
+
+
+def test_template_keys_built_once_stay_exact():
+    from cachecoord_client.cache import _key_builder
+
+    def f(uid, kind="a"):  # type: ignore[no-untyped-def]
+        return None
+
+    build = _key_builder(f, "u:{uid}:{kind}")
+    assert [build(1, "a"), build(True, "a"), build(1.0, "a"), build(1, "a")] == ["u:1:a", "u:True:a", "u:1.0:a", "u:1:a"]
+    assert build(1) == "u:1:a" and build(uid=2) == "u:2:a" and build([1], "b") == "u:[1]:b"
