@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use cachecoord::{
-    api::{Limits, Tenant, cache::CacheApi},
+    api::{Caller, Limits, cache::CacheApi},
     config::Config,
     proto::{
         DeleteRequest, FetchOutcome, FetchRequest, FillRequest, InvalidateTagsRequest, SetItem, SetManyRequest,
@@ -212,10 +212,10 @@ async fn a_flush_says_all_and_shutdown_ends_the_watch() {
 
 /// The handlers with a tenant in the request's extensions, as the auth layer
 /// puts it there.
-fn as_tenant<T>(tenant: Option<&str>, body: T) -> Request<T> {
+fn as_tenant<T>(tenant: Option<&str>, limits: Limits, body: T) -> Request<T> {
     let mut request = Request::new(body);
     if let Some(tenant) = tenant {
-        request.extensions_mut().insert(Tenant(tenant.into()));
+        request.extensions_mut().insert(Caller { key_id: format!("key-{tenant}"), tenant: tenant.into(), limits });
     }
     request
 }
@@ -225,19 +225,20 @@ async fn a_watch_sees_only_its_own_tenants_keys_under_the_callers_names() {
     let redis = RedisServer::start().await;
     let config = Config::try_parse_from(["cachecoord", "--redis-url", &redis.url(), "--key-prefix", "tn"]).unwrap();
     let store = CacheStore::new(Redis::new(&config).unwrap(), cachecoord::keys::Keys::new("tn"));
-    let api = CacheApi::new(store, Limits::from_config(&config), Duration::from_secs(60), Duration::from_secs(5));
+    let limits = Limits::from_config(&config);
+    let api = CacheApi::new(store, limits, Duration::from_secs(60), Duration::from_secs(5));
 
     let mut streams = Vec::new();
     for tenant in [Some("a"), Some("b"), None] {
-        let request = as_tenant(tenant, WatchInvalidationsRequest::default());
+        let request = as_tenant(tenant, limits, WatchInvalidationsRequest::default());
         let mut stream = api.watch_invalidations(request).await.unwrap().into_inner();
         assert_eq!(next(&mut stream).await.unwrap(), WatchInvalidationsResponse::default());
         streams.push(stream);
     }
     for tenant in [Some("a"), Some("b"), None] {
         let key = format!("{}-key", tenant.unwrap_or("base"));
-        api.set(as_tenant(tenant, set(&key, b"v"))).await.unwrap();
-        api.set(as_tenant(tenant, set("shared", b"v"))).await.unwrap();
+        api.set(as_tenant(tenant, limits, set(&key, b"v"))).await.unwrap();
+        api.set(as_tenant(tenant, limits, set("shared", b"v"))).await.unwrap();
     }
     for (stream, own) in streams.iter_mut().zip(["a-key", "b-key", "base-key"]) {
         let seen = until_reported(stream, "shared").await;

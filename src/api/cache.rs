@@ -110,9 +110,9 @@ impl CacheService for CacheApi {
         &self,
         request: Request<proto::WatchInvalidationsRequest>,
     ) -> Result<Response<InvalidationStream>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.keys("prefixes", &request.prefixes)?;
+        limits.keys("prefixes", &request.prefixes)?;
         let watching = Watching {
             watch: self.store.watch(&space).await?,
             prefixes: request.prefixes,
