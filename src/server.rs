@@ -93,7 +93,7 @@ pub async fn run(
             config.session_max_data_bytes,
             config.max_ttl,
         ),
-        limits.clone(),
+        limits,
         config.session_default_ttl.min(config.max_ttl),
         config.session_max_data_bytes,
     );
@@ -101,7 +101,7 @@ pub async fn run(
     // connections of their own.
     let lock_redis = if config.lock_replicas > 0 { Redis::new(&config)? } else { redis.clone() };
     let lock_store = LockStore::new(lock_redis, keys.clone(), config.lock_replicas);
-    let locks = LockApi::new(lock_store, limits.clone(), config.lock_default_ttl);
+    let locks = LockApi::new(lock_store, limits, config.lock_default_ttl);
     let cache = CacheApi::new(
         CacheStore::new(redis.clone(), keys.clone()),
         limits,
