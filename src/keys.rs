@@ -44,6 +44,21 @@ impl Keys {
         format!("{}:c:{{{key}}}", self.prefix)
     }
 
+    /// What every cache entry name of this key space starts with (and
+    /// nothing else of the service's does): the prefix a watch on this space
+    /// tracks (`store/invalidation.rs`).
+    pub fn cache_entry_prefix(&self) -> String {
+        format!("{}:c:{{", self.prefix)
+    }
+
+    /// The caller's key of cache entry `name`, if it is one of the space
+    /// whose [`Keys::cache_entry_prefix`] is `entry_prefix`: `None` for a
+    /// lease or tag list (which end in `:lease`, `:tags`; an entry name
+    /// always ends with `}`) and for other spaces' names.
+    pub fn cache_key_of<'a>(name: &'a str, entry_prefix: &str) -> Option<&'a str> {
+        name.strip_prefix(entry_prefix)?.strip_suffix('}').filter(|key| !key.is_empty())
+    }
+
     /// The fill lease of a cache entry.
     pub fn cache_lease(&self, key: &str) -> String {
         format!("{}:c:{{{key}}}:lease", self.prefix)
@@ -173,6 +188,21 @@ mod tests {
         assert_eq!(keys.stats_bucket("api:/users", "d", 1_700_000_000_000), "cc:st:{api:/users}:d:1700000000000");
         assert_eq!(keys.stats_unique_day("dau", 5), "cc:su:{dau}:d:5");
         assert_eq!(keys.stats_active("online"), "cc:sa:{online}");
+    }
+
+    #[test]
+    fn entry_names_map_back_to_keys_of_their_space_only() {
+        let (base, tenant) = (Keys::new("cc"), Keys::new("cc").tenant("a"));
+        let (bp, tp) = (base.cache_entry_prefix(), tenant.cache_entry_prefix());
+        for key in ["k", "a}:lease", "x{y}z", "}"] {
+            assert_eq!(Keys::cache_key_of(&base.cache_entry(key), &bp), Some(key));
+            assert_eq!(Keys::cache_key_of(&tenant.cache_entry(key), &tp), Some(key));
+            assert_eq!(Keys::cache_key_of(&tenant.cache_entry(key), &bp), None);
+            assert_eq!(Keys::cache_key_of(&base.cache_entry(key), &tp), None);
+            assert_eq!(Keys::cache_key_of(&base.cache_lease(key), &bp), None);
+            assert_eq!(Keys::cache_key_of(&format!("{}:tags", base.cache_entry(key)), &bp), None);
+        }
+        assert_eq!(Keys::cache_key_of(&Keys::new("cc").tenant("ab").cache_entry("k"), &tp), None);
     }
 
     #[test]

@@ -177,7 +177,7 @@ pub async fn run(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(sized!(CacheServiceServer::new(cache)))
+        .add_service(sized!(CacheServiceServer::new(cache.until_stopping(stopping_rx.clone()))))
         .add_service(sized!(SessionServiceServer::new(sessions)))
         .add_service(sized!(RateLimitServiceServer::new(rate_limit)))
         .add_service(sized!(LockServiceServer::new(locks.until_stopping(stopping_rx.clone()))))

@@ -20,6 +20,7 @@ use cachecoord::proto::{
     GetRequest, GetSeriesRequest, GetSessionRequest, GetTotalsRequest, Granularity, IncrementRequest, InspectRequest,
     InvalidateTagsRequest, Limit, ListUserSessionsRequest, MarkActiveRequest, ReleaseRequest, ResetLimitsRequest,
     RevokeTokenRequest, SetItem, SetManyRequest, SetRequest, TouchRequest, TouchSessionRequest, UpdateSessionRequest,
+    WatchInvalidationsRequest,
 };
 use common::{
     RedisServer, Target, TestServer,
@@ -264,8 +265,25 @@ async fn stats_rpcs(server: &TestServer) {
     assert_eq!(unique.unwrap().into_inner().count, 2);
 }
 
-async fn every_rpc(redis: &impl Target) {
+/// WatchInvalidations: reports a write on one server and through Sentinel;
+/// refuses on a cluster (tracking is per node; ARCHITECTURE.md).
+async fn watch_rpc(server: &TestServer, supported: bool) {
+    let watch = server.cache().watch_invalidations(WatchInvalidationsRequest { prefixes: vec!["w:".into()] }).await;
+    if !supported {
+        assert_eq!(watch.expect_err("unsupported").code(), Code::Unimplemented);
+        return;
+    }
+    let mut stream = watch.unwrap().into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("in time").unwrap();
+    assert!(first.expect("first message").keys.is_empty());
+    server.cache().set(SetRequest { key: "w:1".into(), value: b"v".to_vec(), ..Default::default() }).await.unwrap();
+    let change = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("in time").unwrap();
+    assert_eq!(change.expect("a change").keys, vec!["w:1".to_string()]);
+}
+
+async fn every_rpc(redis: &impl Target, watch_supported: bool) {
     let server = TestServer::start(redis).await;
+    watch_rpc(&server, watch_supported).await;
     cache_rpcs(&server).await;
     session_rpcs(&server).await;
     rate_limit_rpcs(&server).await;
@@ -275,7 +293,7 @@ async fn every_rpc(redis: &impl Target) {
 
 #[tokio::test]
 async fn every_rpc_on_one_server() {
-    every_rpc(&RedisServer::start().await).await;
+    every_rpc(&RedisServer::start().await, true).await;
 }
 
 #[tokio::test]
@@ -284,12 +302,12 @@ async fn every_rpc_on_a_cluster() {
     let masters: std::collections::BTreeSet<u16> =
         futures::future::join_all(SPREAD.map(|key| cluster.master_of(key))).await.into_iter().collect();
     assert_eq!(masters.len(), 3, "the spread keys land on three masters");
-    every_rpc(&cluster).await;
+    every_rpc(&cluster, false).await;
 }
 
 #[tokio::test]
 async fn every_rpc_through_sentinel() {
-    every_rpc(&RedisSentinel::start().await).await;
+    every_rpc(&RedisSentinel::start().await, true).await;
 }
 
 #[tokio::test]

@@ -2,13 +2,22 @@
 
 use std::{sync::Arc, time::Duration};
 
+use futures::StreamExt;
+use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use super::{Limits, to_proto_duration, wait_budget};
+use super::{Limits, lock::stopped, to_proto_duration, wait_budget};
 use crate::{
     proto::{self, cache_service_server::CacheService},
-    store::cache::{CacheStore, Condition, Entry, Fetched, Write},
+    store::{
+        cache::{CacheStore, Condition, Entry, Fetched, Write},
+        invalidation::{Seen, Watch},
+    },
 };
+
+/// The messages of one WatchInvalidations stream.
+type InvalidationStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<proto::WatchInvalidationsResponse, Status>> + Send>>;
 
 /// Cache RPC handlers.
 pub struct CacheApi {
@@ -19,12 +28,20 @@ pub struct CacheApi {
     default_ttl: Duration,
     /// Lifetime of a fill lease when the Fetch gives none.
     default_fill_timeout: Duration,
+    /// Turns true as shutdown begins: watch streams end, so that draining
+    /// does not wait for them.
+    stopping: watch::Receiver<bool>,
 }
 
 impl CacheApi {
     /// Handlers over `store`.
     pub fn new(store: CacheStore, limits: Limits, default_ttl: Duration, default_fill_timeout: Duration) -> Self {
-        Self { store: Arc::new(store), limits, default_ttl, default_fill_timeout }
+        Self { store: Arc::new(store), limits, default_ttl, default_fill_timeout, stopping: watch::channel(false).1 }
+    }
+
+    /// Ends watch streams once `stopping` turns true.
+    pub fn until_stopping(self, stopping: watch::Receiver<bool>) -> Self {
+        Self { stopping, ..self }
     }
 
     /// Checks one entry to write; `field` prefixes the names (`items[2].`).
@@ -53,8 +70,68 @@ fn entry_parts(entry: Entry) -> (bool, Vec<u8>, Option<prost_types::Duration>) {
     }
 }
 
+/// One watch stream's state between messages.
+struct Watching {
+    watch: Watch,
+    /// The caller's key prefixes; empty: every key.
+    prefixes: Vec<String>,
+    stopping: watch::Receiver<bool>,
+}
+
+impl Watching {
+    /// The next message, or the error that ends the stream.
+    async fn next(&mut self) -> Result<proto::WatchInvalidationsResponse, Status> {
+        loop {
+            let seen = tokio::select! {
+                biased;
+                () = stopped(self.stopping.clone()) => return Err(Status::unavailable("the service is shutting down")),
+                seen = self.watch.next() => seen?,
+            };
+            match seen {
+                Seen::All => return Ok(proto::WatchInvalidationsResponse { keys: Vec::new(), all: true }),
+                Seen::Keys(mut keys) => {
+                    if !self.prefixes.is_empty() {
+                        keys.retain(|key| self.prefixes.iter().any(|prefix| key.starts_with(prefix.as_str())));
+                    }
+                    if !keys.is_empty() {
+                        return Ok(proto::WatchInvalidationsResponse { keys, all: false });
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl CacheService for CacheApi {
+    type WatchInvalidationsStream = InvalidationStream;
+
+    async fn watch_invalidations(
+        &self,
+        request: Request<proto::WatchInvalidationsRequest>,
+    ) -> Result<Response<InvalidationStream>, Status> {
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
+        let request = request.into_inner();
+        limits.keys("prefixes", &request.prefixes)?;
+        let watching = Watching {
+            watch: self.store.watch(&space).await?,
+            prefixes: request.prefixes,
+            stopping: self.stopping.clone(),
+        };
+        // The first message says the watch is in force; then one per batch,
+        // until an error ends the stream. No task: tonic polls this stream
+        // only when the watch has something to say.
+        let first = futures::stream::once(async { Ok(proto::WatchInvalidationsResponse::default()) });
+        let changes = futures::stream::unfold(Some(watching), |state| async move {
+            let mut watching = state?;
+            match watching.next().await {
+                Ok(message) => Some((Ok(message), Some(watching))),
+                Err(status) => Some((Err(status), None)),
+            }
+        });
+        Ok(Response::new(Box::pin(first.chain(changes))))
+    }
+
     async fn get(&self, request: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
         let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();

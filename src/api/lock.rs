@@ -337,7 +337,7 @@ impl Holding {
 }
 
 /// Resolves once shutdown has begun; never, if nobody will signal it.
-async fn stopped(mut stopping: watch::Receiver<bool>) {
+pub(super) async fn stopped(mut stopping: watch::Receiver<bool>) {
     if stopping.wait_for(|stopping| *stopping).await.is_err() {
         std::future::pending::<()>().await;
     }

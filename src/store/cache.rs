@@ -5,7 +5,12 @@ use std::{sync::Arc, time::Duration};
 use deadpool_redis::redis::{self, Script, Value};
 use tokio::time::Instant;
 
-use super::{Conn, Redis, millis, random_token, wake::Waiters};
+use super::{
+    Conn, Redis,
+    invalidation::{Invalidations, Watch},
+    millis, random_token,
+    wake::Waiters,
+};
 use crate::{
     error::{Error, Result},
     keys::Keys,
@@ -71,6 +76,8 @@ pub struct CacheStore {
     scripts: Scripts,
     /// Keeps the fill listener alive exactly as long as the store.
     listener: tokio::task::JoinHandle<()>,
+    /// Changes of entries, for near caches (WatchInvalidations).
+    invalidations: Invalidations,
 }
 
 /// Loaded once; EVALSHA'd per call.
@@ -116,12 +123,19 @@ impl CacheStore {
             invalidate_entries: write_script!("invalidate_entries.lua"),
             tag_forget: Script::new(include_str!("lua/tag_forget.lua")),
         };
-        Self { redis, keys, channel, waiters, scripts, listener }
+        let invalidations = Invalidations::new(redis.clone());
+        Self { redis, keys, channel, waiters, scripts, listener, invalidations }
     }
 
     /// The key space without a tenant; `Keys::tenant` derives a tenant's.
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// Starts reporting changes of `space`'s entries (see
+    /// `store/invalidation.rs`).
+    pub async fn watch(&self, space: &Keys) -> Result<Watch> {
+        self.invalidations.watch(space).await
     }
 
     /// Reads entries in order: one script call per hash slot (one in all on

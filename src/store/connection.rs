@@ -371,6 +371,40 @@ impl Redis {
         .await
     }
 
+    /// A dedicated connection whose RESP3 pushes (client-side tracking
+    /// invalidations, and `Disconnection` when its socket closes) go to
+    /// `pushes`, opened within the timeout: to the server or the current
+    /// Sentinel master. `None` on Redis Cluster, where tracking is per node
+    /// (see `store/invalidation.rs`).
+    pub async fn push_connection(
+        &self,
+        pushes: impl redis::aio::AsyncPushSender,
+    ) -> Result<Option<MultiplexedConnection>> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.shared.timeout))
+            .set_response_timeout(Some(self.shared.timeout))
+            .set_push_sender(pushes);
+        self.bounded(async {
+            match &*self.shared.kind {
+                Kind::Standalone(client) => {
+                    Ok(Some(client.get_multiplexed_async_connection_with_config(&config).await?))
+                }
+                Kind::Sentinel(sentinel) => {
+                    let client = sentinel.lock().await.async_get_client().await?;
+                    Ok(Some(client.get_multiplexed_async_connection_with_config(&config).await?))
+                }
+                Kind::Cluster { .. } => Ok(None),
+            }
+        })
+        .await
+    }
+
+    /// Runs `cmd` on a connection of its caller's own (such as one from
+    /// [`Redis::push_connection`]), bounded by the timeout.
+    pub async fn query_on<T: FromRedisValue>(&self, conn: &mut MultiplexedConnection, cmd: &Cmd) -> Result<T> {
+        self.bounded(async { Ok(cmd.query_async(conn).await?) }).await
+    }
+
     /// The first slot that is not stalled; round robin when all are.
     fn pick(&self) -> &Slot {
         let slots = &self.shared.slots;

@@ -7,6 +7,7 @@
 
 pub mod cache;
 mod connection;
+pub mod invalidation;
 pub mod lock;
 pub mod rate_limit;
 pub mod session;

@@ -22,6 +22,7 @@ from .errors import (
     Unimplemented,
 )
 from .locks import Lease, LockInfo
+from .near_cache import NearCache, NearCacheStats
 from .rate_limit import Limit, LimitStatus, RateLimitResult
 from .sessions import Session
 from .stats import Series
@@ -43,6 +44,8 @@ __all__ = [
     "LockInfo",
     "LockLost",
     "LockNotAcquired",
+    "NearCache",
+    "NearCacheStats",
     "PermissionDenied",
     "RateLimitResult",
     "Series",

@@ -14,9 +14,11 @@ from typing import (
     Callable,
     Dict,
     Iterable,
+    List,
     Mapping,
     Optional,
     Sequence,
+    Tuple,
     TypeVar,
     Union,
 )
@@ -24,6 +26,7 @@ from typing import (
 from . import _convert as cv
 from ._core import AsyncRunner, Op, SyncRunner
 from ._proto.cachecoord.v1 import cache_pb2 as pb
+from .near_cache import NearCacheStats, Store
 
 #: A value to store: bytes as they are, str as UTF-8.
 Value = Union[bytes, str]
@@ -94,6 +97,24 @@ def op_get_many(keys: Sequence[str]) -> Op[Dict[str, Optional[bytes]]]:
         "GetMany",
         pb.GetManyRequest(keys=list(keys)),
         lambda r: {e.key: (e.value if e.found else None) for e in r.entries},
+        retry=True,
+    )
+
+
+def _seconds(ttl: Optional[timedelta]) -> Optional[float]:
+    return ttl.total_seconds() if ttl is not None else None
+
+
+def op_get_many_entries(keys: Sequence[str]) -> Op[List[Tuple[str, Optional[bytes], Optional[float]]]]:
+    """GetMany with each entry's TTL in seconds, for the near cache."""
+    return Op(
+        "cache",
+        "GetMany",
+        pb.GetManyRequest(keys=list(keys)),
+        lambda r: [
+            (e.key, e.value, _seconds(cv.from_duration(e, "ttl"))) if e.found else (e.key, None, None)
+            for e in r.entries
+        ],
         retry=True,
     )
 
@@ -173,6 +194,8 @@ def op_invalidate_tags(tags: Sequence[str]) -> Op[int]:
 
 KeySpec = Union[str, Callable[..., str], None]
 
+_PLAIN = (str, int)
+
 
 def _key_builder(func: Callable[..., Any], key: KeySpec) -> Callable[..., str]:
     if callable(key):
@@ -180,8 +203,28 @@ def _key_builder(func: Callable[..., Any], key: KeySpec) -> Callable[..., str]:
     sig = inspect.signature(func)
     if isinstance(key, str):
         template = key
+        params = list(sig.parameters.values())
+        # Every argument given positionally, none left to a default: the arguments by
+        # name without binding (the hot path of a near-cached call).
+        names = tuple(p.name for p in params)
+        positional = all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+        # Keys already built for arguments that are all str or int (exact types: their
+        # text never changes, and True or 1.0 never stand in for 1); bounded.
+        built: Dict[Tuple[Any, ...], str] = {}
 
         def from_template(*args: Any, **kwargs: Any) -> str:
+            if positional and not kwargs and len(args) == len(names):
+                for a in args:
+                    if type(a) not in _PLAIN:
+                        return template.format_map(dict(zip(names, args)))
+                k = built.get(args)
+                if k is None:
+                    k = template.format_map(dict(zip(names, args)))
+                    if len(built) >= 4096:
+                        built.clear()
+                    built[args] = k
+                return k
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             return template.format(**bound.arguments)
@@ -204,21 +247,58 @@ def _key_builder(func: Callable[..., Any], key: KeySpec) -> Callable[..., str]:
 class Cache:
     """``client.cache``: CacheService with Python types."""
 
-    def __init__(self, runner: SyncRunner) -> None:
+    def __init__(self, runner: SyncRunner, near: Optional[Store] = None) -> None:
         self._run = runner.run
+        self._near = near
+
+    @property
+    def near_stats(self) -> Optional[NearCacheStats]:
+        """The near cache's counters now (hit ratio, size, ...); None when it is off."""
+        return self._near.stats() if self._near is not None else None
 
     def get(self, key: str, *, timeout: Optional[float] = None) -> Optional[bytes]:
-        """The value under key, or None on a miss."""
-        entry = self._run(op_get(key), timeout)
-        return entry.value if entry else None
+        """The value under key, or None on a miss. With a near cache, a held entry is
+        answered from memory."""
+        near = self._near
+        if near is None:
+            entry = self._run(op_get(key), timeout)
+            return entry.value if entry else None
+        held = near.lookup(key)
+        if held is not None:
+            return held[0]  # type: ignore[no-any-return]
+        pending = near.begin(key)
+        try:
+            entry = self._run(op_get(key), timeout)
+        except BaseException:
+            near.abandon(pending)
+            raise
+        if entry is None:
+            near.abandon(pending)
+            return None
+        near.keep(pending, entry.value, _seconds(entry.ttl))
+        return entry.value
 
     def get_entry(self, key: str, *, timeout: Optional[float] = None) -> Optional[Entry]:
         """The entry (value and remaining TTL), or None on a miss."""
         return self._run(op_get(key), timeout)
 
     def get_many(self, keys: Sequence[str], *, timeout: Optional[float] = None) -> Dict[str, Optional[bytes]]:
-        """Values by key (None for misses), in one round trip."""
-        return self._run(op_get_many(keys), timeout)
+        """Values by key (None for misses), in one round trip (none when the near cache
+        holds them all)."""
+        near = self._near
+        if near is None:
+            return self._run(op_get_many(keys), timeout)
+        found, missing = _near_split(near, keys)
+        if missing:
+            pendings = [near.begin(k) for k in missing]
+            try:
+                entries = self._run(op_get_many_entries(missing), timeout)
+            except BaseException:
+                for p in pendings:
+                    near.abandon(p)
+                raise
+            _near_keep(near, pendings, entries, found)
+        return {k: found.get(k) for k in keys}
 
     def set(
         self,
@@ -315,12 +395,29 @@ class Cache:
                 raise TypeError("cached on a sync Client decorates sync functions; use AsyncClient for async ones")
             build_key = _key_builder(func, key)
 
+            near = self._near
+
             @functools.wraps(func)
             def wrapper(*args: Any, **kwargs: Any) -> Any:
                 k = build_key(*args, **kwargs)
-                r = self.fetch(k, fill_timeout=fill_timeout, max_wait=max_wait, timeout=timeout)
+                pending = None
+                if near is not None:
+                    held = near.lookup(k)
+                    if held is not None:
+                        return near.decoded(held, serializer)
+                    pending = near.begin(k)
+                try:
+                    r = self.fetch(k, fill_timeout=fill_timeout, max_wait=max_wait, timeout=timeout)
+                except BaseException:
+                    if near is not None:
+                        near.abandon(pending)
+                    raise
                 if r.hit:
+                    if near is not None:
+                        near.keep(pending, r.value, _seconds(r.ttl))
                     return serializer.loads(r.value)
+                if near is not None:
+                    near.abandon(pending)
                 if r.timeout:
                     return func(*args, **kwargs)
                 try:
@@ -340,13 +437,35 @@ class Cache:
 class AsyncCache:
     """``client.cache`` on an AsyncClient: the same methods as ``Cache``, awaitable."""
 
-    def __init__(self, runner: AsyncRunner) -> None:
+    def __init__(self, runner: AsyncRunner, near: Optional[Store] = None) -> None:
         self._run = runner.run
+        self._near = near
+
+    @property
+    def near_stats(self) -> Optional[NearCacheStats]:
+        """See ``Cache.near_stats``."""
+        return self._near.stats() if self._near is not None else None
 
     async def get(self, key: str, *, timeout: Optional[float] = None) -> Optional[bytes]:
         """See ``Cache.get``."""
-        entry = await self._run(op_get(key), timeout)
-        return entry.value if entry else None
+        near = self._near
+        if near is None:
+            entry = await self._run(op_get(key), timeout)
+            return entry.value if entry else None
+        held = near.lookup(key)
+        if held is not None:
+            return held[0]  # type: ignore[no-any-return]
+        pending = near.begin(key)
+        try:
+            entry = await self._run(op_get(key), timeout)
+        except BaseException:
+            near.abandon(pending)
+            raise
+        if entry is None:
+            near.abandon(pending)
+            return None
+        near.keep(pending, entry.value, _seconds(entry.ttl))
+        return entry.value
 
     async def get_entry(self, key: str, *, timeout: Optional[float] = None) -> Optional[Entry]:
         """See ``Cache.get_entry``."""
@@ -354,7 +473,20 @@ class AsyncCache:
 
     async def get_many(self, keys: Sequence[str], *, timeout: Optional[float] = None) -> Dict[str, Optional[bytes]]:
         """See ``Cache.get_many``."""
-        return await self._run(op_get_many(keys), timeout)
+        near = self._near
+        if near is None:
+            return await self._run(op_get_many(keys), timeout)
+        found, missing = _near_split(near, keys)
+        if missing:
+            pendings = [near.begin(k) for k in missing]
+            try:
+                entries = await self._run(op_get_many_entries(missing), timeout)
+            except BaseException:
+                for p in pendings:
+                    near.abandon(p)
+                raise
+            _near_keep(near, pendings, entries, found)
+        return {k: found.get(k) for k in keys}
 
     async def set(
         self,
@@ -440,12 +572,29 @@ class AsyncCache:
                 raise TypeError("cached on an AsyncClient decorates async functions; use Client for sync ones")
             build_key = _key_builder(func, key)
 
+            near = self._near
+
             @functools.wraps(func)
             async def wrapper(*args: Any, **kwargs: Any) -> Any:
                 k = build_key(*args, **kwargs)
-                r = await self.fetch(k, fill_timeout=fill_timeout, max_wait=max_wait, timeout=timeout)
+                pending = None
+                if near is not None:
+                    held = near.lookup(k)
+                    if held is not None:
+                        return near.decoded(held, serializer)
+                    pending = near.begin(k)
+                try:
+                    r = await self.fetch(k, fill_timeout=fill_timeout, max_wait=max_wait, timeout=timeout)
+                except BaseException:
+                    if near is not None:
+                        near.abandon(pending)
+                    raise
                 if r.hit:
+                    if near is not None:
+                        near.keep(pending, r.value, _seconds(r.ttl))
                     return serializer.loads(r.value)
+                if near is not None:
+                    near.abandon(pending)
                 if r.timeout:
                     return await func(*args, **kwargs)
                 try:
@@ -460,6 +609,30 @@ class AsyncCache:
             return wrapper  # type: ignore[return-value]
 
         return decorate
+
+
+def _near_split(near: Store, keys: Sequence[str]) -> Tuple[Dict[str, Optional[bytes]], List[str]]:
+    """The values the near cache holds, and the keys to read from the service."""
+    found: Dict[str, Optional[bytes]] = {}
+    missing: List[str] = []
+    for k in keys:
+        held = near.lookup(k)
+        if held is not None:
+            found[k] = held[0]
+        elif k not in found:
+            missing.append(k)
+    return found, missing
+
+
+def _near_keep(
+    near: Store,
+    pendings: List[Any],
+    entries: List[Tuple[str, Optional[bytes], Optional[float]]],
+    found: Dict[str, Optional[bytes]],
+) -> None:
+    for pending, (k, value, ttl) in zip(pendings, entries):
+        near.keep(pending, value, ttl)
+        found[k] = value
 
 
 def _quietly(call: Callable[[], Any]) -> None:

@@ -16,6 +16,7 @@ from ._proto.cachecoord.v1 import (
 )
 from .cache import AsyncCache, Cache
 from .locks import AsyncLocks, Locks
+from .near_cache import AsyncWatcher, NearCacheOption, Store, SyncWatcher, settings
 from .rate_limit import AsyncRateLimits, RateLimits
 from .sessions import AsyncSessions, Sessions
 from .stats import AsyncStats, Stats
@@ -51,7 +52,10 @@ class Client:
     idempotent calls are retried after UNAVAILABLE. ``api_key`` is sent with every call
     (``authorization: Bearer <key>``) to a service that requires keys; without one, or
     with one it does not hold, calls raise ``Unauthenticated``, and ``PermissionDenied``
-    when the key may not call the method. Use as a context manager or ``close()``.
+    when the key may not call the method. ``near_cache`` (a ``NearCache``, or True for its
+    defaults) keeps hot cache entries in this process, dropped as soon as the service
+    reports them changed (see ``cachecoord_client.near_cache``). Use as a context manager
+    or ``close()``.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class Client:
         options: Optional[Options] = None,
         channel: Optional[grpc.Channel] = None,
         api_key: Optional[str] = None,
+        near_cache: NearCacheOption = None,
     ) -> None:
         if channel is None:
             channel = (
@@ -72,9 +77,14 @@ class Client:
                 else grpc.insecure_channel(target, options)
             )
         self._channel = channel
-        runner = SyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries, metadata=_auth_metadata(api_key)))
+        stubs = _stubs(channel)
+        metadata = _auth_metadata(api_key)
+        runner = SyncRunner(stubs, CallPolicy(timeout=timeout, retries=retries, metadata=metadata))
+        config = settings(near_cache)
+        near = Store(config) if config is not None else None
+        self._watcher = SyncWatcher(stubs["cache"], near, metadata) if near is not None else None
         #: CacheService.
-        self.cache = Cache(runner)
+        self.cache = Cache(runner, near)
         #: SessionService.
         self.sessions = Sessions(runner)
         #: RateLimitService.
@@ -85,7 +95,9 @@ class Client:
         self.stats = Stats(runner)
 
     def close(self) -> None:
-        """Closes the channel."""
+        """Stops the near cache's watch (if any) and closes the channel."""
+        if self._watcher is not None:
+            self._watcher.close()
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -112,6 +124,7 @@ class AsyncClient:
         options: Optional[Options] = None,
         channel: Optional[grpc.aio.Channel] = None,
         api_key: Optional[str] = None,
+        near_cache: NearCacheOption = None,
     ) -> None:
         if channel is None:
             channel = (
@@ -120,9 +133,14 @@ class AsyncClient:
                 else grpc.aio.insecure_channel(target, options)
             )
         self._channel = channel
-        runner = AsyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries, metadata=_auth_metadata(api_key)))
+        stubs = _stubs(channel)
+        metadata = _auth_metadata(api_key)
+        runner = AsyncRunner(stubs, CallPolicy(timeout=timeout, retries=retries, metadata=metadata))
+        config = settings(near_cache)
+        near = Store(config) if config is not None else None
+        self._watcher = AsyncWatcher(stubs["cache"], near, metadata) if near is not None else None
         #: CacheService.
-        self.cache = AsyncCache(runner)
+        self.cache = AsyncCache(runner, near)
         #: SessionService.
         self.sessions = AsyncSessions(runner)
         #: RateLimitService.
@@ -133,7 +151,9 @@ class AsyncClient:
         self.stats = AsyncStats(runner)
 
     async def close(self) -> None:
-        """Closes the channel."""
+        """Stops the near cache's watch (if any) and closes the channel."""
+        if self._watcher is not None:
+            await self._watcher.close()
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncClient":

@@ -85,3 +85,25 @@ def test_the_async_client_presents_its_key(secured) -> None:
                 await anonymous.cache.get("async")
 
     run_async(server, body)
+
+
+def test_the_near_cache_watch_presents_the_key_and_sees_its_tenant_only(secured) -> None:
+    import time
+
+    server, (alpha_key, beta_key, _) = secured
+    with Client(server.target, api_key=alpha_key, near_cache=True) as alpha, Client(
+        server.target, api_key=beta_key
+    ) as beta:
+        deadline = time.monotonic() + 10
+        while not alpha.cache.near_stats.live:  # the watch was admitted with the key
+            assert time.monotonic() < deadline, "the watch never came into force"
+            time.sleep(0.01)
+        alpha.cache.set("near", b"1")
+        assert alpha.cache.get("near") == b"1"
+        assert alpha.cache.get("near") == b"1"
+        assert alpha.cache.near_stats.hits >= 1
+        beta.cache.set("near", b"beta's")  # another tenant's key of the same name
+        alpha.cache.set("near", b"2")  # alpha's own write invalidates alpha's entry
+        while alpha.cache.get("near") != b"2":
+            assert time.monotonic() < deadline, "alpha's own write never reached its near cache"
+            time.sleep(0.01)

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file cachecoord/v1/cache.proto.
  */
 export const file_cachecoord_v1_cache: GenFile = /*@__PURE__*/
-  fileDesc("ChljYWNoZWNvb3JkL3YxL2NhY2hlLnByb3RvEg1jYWNoZWNvb3JkLnYxIhkKCkdldFJlcXVlc3QSCwoDa2V5GAEgASgJIlMKC0dldFJlc3BvbnNlEg0KBWZvdW5kGAEgASgIEg0KBXZhbHVlGAIgASgMEiYKA3R0bBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiIeCg5HZXRNYW55UmVxdWVzdBIMCgRrZXlzGAEgAygJIj0KD0dldE1hbnlSZXNwb25zZRIqCgdlbnRyaWVzGAEgAygLMhkuY2FjaGVjb29yZC52MS5DYWNoZUVudHJ5Il8KCkNhY2hlRW50cnkSCwoDa2V5GAEgASgJEg0KBWZvdW5kGAIgASgIEg0KBXZhbHVlGAMgASgMEiYKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKOAQoKU2V0UmVxdWVzdBILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAwSJgoDdHRsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KCWNvbmRpdGlvbhgEIAEoDjIbLmNhY2hlY29vcmQudjEuU2V0Q29uZGl0aW9uEgwKBHRhZ3MYBSADKAkiHQoLU2V0UmVzcG9uc2USDgoGc3RvcmVkGAEgASgIIjcKDlNldE1hbnlSZXF1ZXN0EiUKBWl0ZW1zGAEgAygLMhYuY2FjaGVjb29yZC52MS5TZXRJdGVtIlsKB1NldEl0ZW0SCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgMEiYKA3R0bBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIMCgR0YWdzGAQgAygJIiEKD1NldE1hbnlSZXNwb25zZRIOCgZzdG9yZWQYASABKA0iHQoNRGVsZXRlUmVxdWVzdBIMCgRrZXlzGAEgAygJIiEKDkRlbGV0ZVJlc3BvbnNlEg8KB2RlbGV0ZWQYASABKA0iQwoMVG91Y2hSZXF1ZXN0EgsKA2tleRgBIAEoCRImCgN0dGwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iHgoNVG91Y2hSZXNwb25zZRINCgVmb3VuZBgBIAEoCCJ5CgxGZXRjaFJlcXVlc3QSCwoDa2V5GAEgASgJEi8KDGZpbGxfdGltZW91dBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIrCghtYXhfd2FpdBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKIAQoNRmV0Y2hSZXNwb25zZRIsCgdvdXRjb21lGAEgASgOMhsuY2FjaGVjb29yZC52MS5GZXRjaE91dGNvbWUSDQoFdmFsdWUYAiABKAwSJgoDdHRsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhIKCmZpbGxfdG9rZW4YBCABKAkicwoLRmlsbFJlcXVlc3QSCwoDa2V5GAEgASgJEhIKCmZpbGxfdG9rZW4YAiABKAkSDQoFdmFsdWUYAyABKAwSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEgwKBHRhZ3MYBSADKAkiHgoMRmlsbFJlc3BvbnNlEg4KBnN0b3JlZBgBIAEoCCI1ChJBYmFuZG9uRmlsbFJlcXVlc3QSCwoDa2V5GAEgASgJEhIKCmZpbGxfdG9rZW4YAiABKAkiJwoTQWJhbmRvbkZpbGxSZXNwb25zZRIQCghyZWxlYXNlZBgBIAEoCCIlChVJbnZhbGlkYXRlVGFnc1JlcXVlc3QSDAoEdGFncxgBIAMoCSItChZJbnZhbGlkYXRlVGFnc1Jlc3BvbnNlEhMKC2ludmFsaWRhdGVkGAEgASgNKmgKDFNldENvbmRpdGlvbhIdChlTRVRfQ09ORElUSU9OX1VOU1BFQ0lGSUVEEAASGwoXU0VUX0NPTkRJVElPTl9JRl9BQlNFTlQQARIcChhTRVRfQ09ORElUSU9OX0lGX1BSRVNFTlQQAip3CgxGZXRjaE91dGNvbWUSHQoZRkVUQ0hfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhUKEUZFVENIX09VVENPTUVfSElUEAESFgoSRkVUQ0hfT1VUQ09NRV9GSUxMEAISGQoVRkVUQ0hfT1VUQ09NRV9USU1FT1VUEAMy4wUKDENhY2hlU2VydmljZRI8CgNHZXQSGS5jYWNoZWNvb3JkLnYxLkdldFJlcXVlc3QaGi5jYWNoZWNvb3JkLnYxLkdldFJlc3BvbnNlEkgKB0dldE1hbnkSHS5jYWNoZWNvb3JkLnYxLkdldE1hbnlSZXF1ZXN0Gh4uY2FjaGVjb29yZC52MS5HZXRNYW55UmVzcG9uc2USPAoDU2V0EhkuY2FjaGVjb29yZC52MS5TZXRSZXF1ZXN0GhouY2FjaGVjb29yZC52MS5TZXRSZXNwb25zZRJICgdTZXRNYW55Eh0uY2FjaGVjb29yZC52MS5TZXRNYW55UmVxdWVzdBoeLmNhY2hlY29vcmQudjEuU2V0TWFueVJlc3BvbnNlEkUKBkRlbGV0ZRIcLmNhY2hlY29vcmQudjEuRGVsZXRlUmVxdWVzdBodLmNhY2hlY29vcmQudjEuRGVsZXRlUmVzcG9uc2USQgoFVG91Y2gSGy5jYWNoZWNvb3JkLnYxLlRvdWNoUmVxdWVzdBocLmNhY2hlY29vcmQudjEuVG91Y2hSZXNwb25zZRJCCgVGZXRjaBIbLmNhY2hlY29vcmQudjEuRmV0Y2hSZXF1ZXN0GhwuY2FjaGVjb29yZC52MS5GZXRjaFJlc3BvbnNlEj8KBEZpbGwSGi5jYWNoZWNvb3JkLnYxLkZpbGxSZXF1ZXN0GhsuY2FjaGVjb29yZC52MS5GaWxsUmVzcG9uc2USVAoLQWJhbmRvbkZpbGwSIS5jYWNoZWNvb3JkLnYxLkFiYW5kb25GaWxsUmVxdWVzdBoiLmNhY2hlY29vcmQudjEuQWJhbmRvbkZpbGxSZXNwb25zZRJdCg5JbnZhbGlkYXRlVGFncxIkLmNhY2hlY29vcmQudjEuSW52YWxpZGF0ZVRhZ3NSZXF1ZXN0GiUuY2FjaGVjb29yZC52MS5JbnZhbGlkYXRlVGFnc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration]);
+  fileDesc("ChljYWNoZWNvb3JkL3YxL2NhY2hlLnByb3RvEg1jYWNoZWNvb3JkLnYxIhkKCkdldFJlcXVlc3QSCwoDa2V5GAEgASgJIlMKC0dldFJlc3BvbnNlEg0KBWZvdW5kGAEgASgIEg0KBXZhbHVlGAIgASgMEiYKA3R0bBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiIeCg5HZXRNYW55UmVxdWVzdBIMCgRrZXlzGAEgAygJIj0KD0dldE1hbnlSZXNwb25zZRIqCgdlbnRyaWVzGAEgAygLMhkuY2FjaGVjb29yZC52MS5DYWNoZUVudHJ5Il8KCkNhY2hlRW50cnkSCwoDa2V5GAEgASgJEg0KBWZvdW5kGAIgASgIEg0KBXZhbHVlGAMgASgMEiYKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKOAQoKU2V0UmVxdWVzdBILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAwSJgoDdHRsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi4KCWNvbmRpdGlvbhgEIAEoDjIbLmNhY2hlY29vcmQudjEuU2V0Q29uZGl0aW9uEgwKBHRhZ3MYBSADKAkiHQoLU2V0UmVzcG9uc2USDgoGc3RvcmVkGAEgASgIIjcKDlNldE1hbnlSZXF1ZXN0EiUKBWl0ZW1zGAEgAygLMhYuY2FjaGVjb29yZC52MS5TZXRJdGVtIlsKB1NldEl0ZW0SCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgMEiYKA3R0bBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIMCgR0YWdzGAQgAygJIiEKD1NldE1hbnlSZXNwb25zZRIOCgZzdG9yZWQYASABKA0iHQoNRGVsZXRlUmVxdWVzdBIMCgRrZXlzGAEgAygJIiEKDkRlbGV0ZVJlc3BvbnNlEg8KB2RlbGV0ZWQYASABKA0iQwoMVG91Y2hSZXF1ZXN0EgsKA2tleRgBIAEoCRImCgN0dGwYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iHgoNVG91Y2hSZXNwb25zZRINCgVmb3VuZBgBIAEoCCJ5CgxGZXRjaFJlcXVlc3QSCwoDa2V5GAEgASgJEi8KDGZpbGxfdGltZW91dBgCIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIrCghtYXhfd2FpdBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKIAQoNRmV0Y2hSZXNwb25zZRIsCgdvdXRjb21lGAEgASgOMhsuY2FjaGVjb29yZC52MS5GZXRjaE91dGNvbWUSDQoFdmFsdWUYAiABKAwSJgoDdHRsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhIKCmZpbGxfdG9rZW4YBCABKAkicwoLRmlsbFJlcXVlc3QSCwoDa2V5GAEgASgJEhIKCmZpbGxfdG9rZW4YAiABKAkSDQoFdmFsdWUYAyABKAwSJgoDdHRsGAQgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEgwKBHRhZ3MYBSADKAkiHgoMRmlsbFJlc3BvbnNlEg4KBnN0b3JlZBgBIAEoCCI1ChJBYmFuZG9uRmlsbFJlcXVlc3QSCwoDa2V5GAEgASgJEhIKCmZpbGxfdG9rZW4YAiABKAkiJwoTQWJhbmRvbkZpbGxSZXNwb25zZRIQCghyZWxlYXNlZBgBIAEoCCIlChVJbnZhbGlkYXRlVGFnc1JlcXVlc3QSDAoEdGFncxgBIAMoCSItChZJbnZhbGlkYXRlVGFnc1Jlc3BvbnNlEhMKC2ludmFsaWRhdGVkGAEgASgNIi0KGVdhdGNoSW52YWxpZGF0aW9uc1JlcXVlc3QSEAoIcHJlZml4ZXMYASADKAkiNwoaV2F0Y2hJbnZhbGlkYXRpb25zUmVzcG9uc2USDAoEa2V5cxgBIAMoCRILCgNhbGwYAiABKAgqaAoMU2V0Q29uZGl0aW9uEh0KGVNFVF9DT05ESVRJT05fVU5TUEVDSUZJRUQQABIbChdTRVRfQ09ORElUSU9OX0lGX0FCU0VOVBABEhwKGFNFVF9DT05ESVRJT05fSUZfUFJFU0VOVBACKncKDEZldGNoT3V0Y29tZRIdChlGRVRDSF9PVVRDT01FX1VOU1BFQ0lGSUVEEAASFQoRRkVUQ0hfT1VUQ09NRV9ISVQQARIWChJGRVRDSF9PVVRDT01FX0ZJTEwQAhIZChVGRVRDSF9PVVRDT01FX1RJTUVPVVQQAzLQBgoMQ2FjaGVTZXJ2aWNlEjwKA0dldBIZLmNhY2hlY29vcmQudjEuR2V0UmVxdWVzdBoaLmNhY2hlY29vcmQudjEuR2V0UmVzcG9uc2USSAoHR2V0TWFueRIdLmNhY2hlY29vcmQudjEuR2V0TWFueVJlcXVlc3QaHi5jYWNoZWNvb3JkLnYxLkdldE1hbnlSZXNwb25zZRI8CgNTZXQSGS5jYWNoZWNvb3JkLnYxLlNldFJlcXVlc3QaGi5jYWNoZWNvb3JkLnYxLlNldFJlc3BvbnNlEkgKB1NldE1hbnkSHS5jYWNoZWNvb3JkLnYxLlNldE1hbnlSZXF1ZXN0Gh4uY2FjaGVjb29yZC52MS5TZXRNYW55UmVzcG9uc2USRQoGRGVsZXRlEhwuY2FjaGVjb29yZC52MS5EZWxldGVSZXF1ZXN0Gh0uY2FjaGVjb29yZC52MS5EZWxldGVSZXNwb25zZRJCCgVUb3VjaBIbLmNhY2hlY29vcmQudjEuVG91Y2hSZXF1ZXN0GhwuY2FjaGVjb29yZC52MS5Ub3VjaFJlc3BvbnNlEkIKBUZldGNoEhsuY2FjaGVjb29yZC52MS5GZXRjaFJlcXVlc3QaHC5jYWNoZWNvb3JkLnYxLkZldGNoUmVzcG9uc2USPwoERmlsbBIaLmNhY2hlY29vcmQudjEuRmlsbFJlcXVlc3QaGy5jYWNoZWNvb3JkLnYxLkZpbGxSZXNwb25zZRJUCgtBYmFuZG9uRmlsbBIhLmNhY2hlY29vcmQudjEuQWJhbmRvbkZpbGxSZXF1ZXN0GiIuY2FjaGVjb29yZC52MS5BYmFuZG9uRmlsbFJlc3BvbnNlEl0KDkludmFsaWRhdGVUYWdzEiQuY2FjaGVjb29yZC52MS5JbnZhbGlkYXRlVGFnc1JlcXVlc3QaJS5jYWNoZWNvb3JkLnYxLkludmFsaWRhdGVUYWdzUmVzcG9uc2USawoSV2F0Y2hJbnZhbGlkYXRpb25zEiguY2FjaGVjb29yZC52MS5XYXRjaEludmFsaWRhdGlvbnNSZXF1ZXN0GikuY2FjaGVjb29yZC52MS5XYXRjaEludmFsaWRhdGlvbnNSZXNwb25zZTABYgZwcm90bzM", [file_google_protobuf_duration]);
 
 /**
  * GetRequest names one key.
@@ -651,6 +651,58 @@ export const InvalidateTagsResponseSchema: GenMessage<InvalidateTagsResponse> = 
   messageDesc(file_cachecoord_v1_cache, 21);
 
 /**
+ * WatchInvalidationsRequest opens a watch on the caller's key space.
+ *
+ * @generated from message cachecoord.v1.WatchInvalidationsRequest
+ */
+export type WatchInvalidationsRequest = Message<"cachecoord.v1.WatchInvalidationsRequest"> & {
+  /**
+   * Only keys starting with one of these prefixes (each 1..512 bytes, at most
+   * 1,000 by default) are reported; none: every key.
+   *
+   * @generated from field: repeated string prefixes = 1;
+   */
+  prefixes: string[];
+};
+
+/**
+ * Describes the message cachecoord.v1.WatchInvalidationsRequest.
+ * Use `create(WatchInvalidationsRequestSchema)` to create a new message.
+ */
+export const WatchInvalidationsRequestSchema: GenMessage<WatchInvalidationsRequest> = /*@__PURE__*/
+  messageDesc(file_cachecoord_v1_cache, 22);
+
+/**
+ * WatchInvalidationsResponse is one batch of changes.
+ *
+ * @generated from message cachecoord.v1.WatchInvalidationsResponse
+ */
+export type WatchInvalidationsResponse = Message<"cachecoord.v1.WatchInvalidationsResponse"> & {
+  /**
+   * Keys whose entries changed (empty in the first message). A key may be
+   * reported although its entry did not change in a way a reader would see
+   * (a Touch to a longer TTL, a write of the same value).
+   *
+   * @generated from field: repeated string keys = 1;
+   */
+  keys: string[];
+
+  /**
+   * True: every entry may have changed (Redis was flushed); drop everything.
+   *
+   * @generated from field: bool all = 2;
+   */
+  all: boolean;
+};
+
+/**
+ * Describes the message cachecoord.v1.WatchInvalidationsResponse.
+ * Use `create(WatchInvalidationsResponseSchema)` to create a new message.
+ */
+export const WatchInvalidationsResponseSchema: GenMessage<WatchInvalidationsResponse> = /*@__PURE__*/
+  messageDesc(file_cachecoord_v1_cache, 23);
+
+/**
  * SetCondition says when a Set writes.
  *
  * @generated from enum cachecoord.v1.SetCondition
@@ -858,6 +910,38 @@ export const CacheService: GenService<{
     methodKind: "unary";
     input: typeof InvalidateTagsRequestSchema;
     output: typeof InvalidateTagsResponseSchema;
+  },
+  /**
+   * WatchInvalidations streams the names of the caller's keys whose entries
+   * changed, for a near cache (a copy of entries in the caller's process):
+   * written by Set, SetMany or Fill, deleted by Delete or InvalidateTags,
+   * given a new TTL by Touch, expired or evicted by Redis; by any caller
+   * through any service instance (and by anything else writing those Redis
+   * keys). Only keys of the caller's own key space (tenant) are reported,
+   * named as the caller names them.
+   *
+   * The first message carries no keys: from the moment it is sent, every
+   * later change is reported. A near cache should keep an entry only if it
+   * was read after that message arrived and no invalidation of its key
+   * arrived while the read was in flight.
+   *
+   * A change is reported after Redis has applied it, usually well within a
+   * millisecond of the writer's acknowledgement, but not before it: until the
+   * invalidation arrives a near cache may serve the old value.
+   *
+   * The stream ends with UNAVAILABLE when the service may have missed changes
+   * (its Redis connection broke, or this stream fell more than 4,096
+   * invalidation batches behind) and when the service shuts down; a near cache
+   * must then drop everything before serving another read from memory, and
+   * may watch again. On Redis Cluster it fails with UNIMPLEMENTED
+   * (ARCHITECTURE.md: a near cache there stays off).
+   *
+   * @generated from rpc cachecoord.v1.CacheService.WatchInvalidations
+   */
+  watchInvalidations: {
+    methodKind: "server_streaming";
+    input: typeof WatchInvalidationsRequestSchema;
+    output: typeof WatchInvalidationsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_cachecoord_v1_cache, 0);

@@ -207,3 +207,17 @@ class InvalidateTagsResponse(_message.Message):
     INVALIDATED_FIELD_NUMBER: _ClassVar[int]
     invalidated: int
     def __init__(self, invalidated: _Optional[int] = ...) -> None: ...
+
+class WatchInvalidationsRequest(_message.Message):
+    __slots__ = ("prefixes",)
+    PREFIXES_FIELD_NUMBER: _ClassVar[int]
+    prefixes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prefixes: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class WatchInvalidationsResponse(_message.Message):
+    __slots__ = ("keys", "all")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[str]
+    all: bool
+    def __init__(self, keys: _Optional[_Iterable[str]] = ..., all: bool = ...) -> None: ...

@@ -95,6 +95,11 @@ class CacheServiceStub(object):
                 request_serializer=cachecoord_dot_v1_dot_cache__pb2.InvalidateTagsRequest.SerializeToString,
                 response_deserializer=cachecoord_dot_v1_dot_cache__pb2.InvalidateTagsResponse.FromString,
                 _registered_method=True)
+        self.WatchInvalidations = channel.unary_stream(
+                '/cachecoord.v1.CacheService/WatchInvalidations',
+                request_serializer=cachecoord_dot_v1_dot_cache__pb2.WatchInvalidationsRequest.SerializeToString,
+                response_deserializer=cachecoord_dot_v1_dot_cache__pb2.WatchInvalidationsResponse.FromString,
+                _registered_method=True)
 
 
 class CacheServiceServicer(object):
@@ -196,6 +201,35 @@ class CacheServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchInvalidations(self, request, context):
+        """WatchInvalidations streams the names of the caller's keys whose entries
+        changed, for a near cache (a copy of entries in the caller's process):
+        written by Set, SetMany or Fill, deleted by Delete or InvalidateTags,
+        given a new TTL by Touch, expired or evicted by Redis; by any caller
+        through any service instance (and by anything else writing those Redis
+        keys). Only keys of the caller's own key space (tenant) are reported,
+        named as the caller names them.
+
+        The first message carries no keys: from the moment it is sent, every
+        later change is reported. A near cache should keep an entry only if it
+        was read after that message arrived and no invalidation of its key
+        arrived while the read was in flight.
+
+        A change is reported after Redis has applied it, usually well within a
+        millisecond of the writer's acknowledgement, but not before it: until the
+        invalidation arrives a near cache may serve the old value.
+
+        The stream ends with UNAVAILABLE when the service may have missed changes
+        (its Redis connection broke, or this stream fell more than 4,096
+        invalidation batches behind) and when the service shuts down; a near cache
+        must then drop everything before serving another read from memory, and
+        may watch again. On Redis Cluster it fails with UNIMPLEMENTED
+        (ARCHITECTURE.md: a near cache there stays off).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CacheServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -248,6 +282,11 @@ def add_CacheServiceServicer_to_server(servicer, server):
                     servicer.InvalidateTags,
                     request_deserializer=cachecoord_dot_v1_dot_cache__pb2.InvalidateTagsRequest.FromString,
                     response_serializer=cachecoord_dot_v1_dot_cache__pb2.InvalidateTagsResponse.SerializeToString,
+            ),
+            'WatchInvalidations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchInvalidations,
+                    request_deserializer=cachecoord_dot_v1_dot_cache__pb2.WatchInvalidationsRequest.FromString,
+                    response_serializer=cachecoord_dot_v1_dot_cache__pb2.WatchInvalidationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -531,6 +570,33 @@ class CacheService(object):
             '/cachecoord.v1.CacheService/InvalidateTags',
             cachecoord_dot_v1_dot_cache__pb2.InvalidateTagsRequest.SerializeToString,
             cachecoord_dot_v1_dot_cache__pb2.InvalidateTagsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchInvalidations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/cachecoord.v1.CacheService/WatchInvalidations',
+            cachecoord_dot_v1_dot_cache__pb2.WatchInvalidationsRequest.SerializeToString,
+            cachecoord_dot_v1_dot_cache__pb2.WatchInvalidationsResponse.FromString,
             options,
             channel_credentials,
             insecure,
