@@ -97,6 +97,7 @@ impl StatsService for StatsApi {
         let space = super::space(self.store.keys(), &request);
         let request = request.into_inner();
         self.non_empty_batch("deltas", request.deltas.len())?;
+        self.limits.script_batch("deltas", request.deltas.len(), self.limits.max_deltas, "--stats-max-deltas")?;
         let deltas = request
             .deltas
             .iter()
