@@ -217,7 +217,8 @@ impl CacheStore {
         let entry_keys: Vec<String> = writes.iter().map(|w| space.cache_entry(w.key)).collect();
         let cost = |i: usize| {
             let write = &writes[i];
-            let tag_bytes: usize = write.tags.iter().map(|tag| tag.len() + entry_keys[i].len()).sum();
+            // A tag goes as its index's key name: the tag plus the prefix.
+            let tag_bytes: usize = write.tags.iter().map(|tag| tag.len() + 32).sum();
             (entry_keys[i].len() + write.value.len() + tag_bytes, 1 + write.tags.len())
         };
         let groups: Vec<Vec<usize>> = self
@@ -402,7 +403,10 @@ impl CacheStore {
     pub async fn invalidate_tags(&self, space: &Keys, tags: &[String]) -> Result<u32> {
         use futures::{StreamExt, TryStreamExt};
         let indexes: Vec<String> = tags.iter().map(|tag| space.cache_tag(tag)).collect();
-        let counts: Vec<u32> = futures::stream::iter(indexes.iter().map(|index| self.invalidate_tag(index)))
+        // Collected first: a stream mapping references by a closure is not
+        // `Send` for the handler (a higher-ranked lifetime limitation).
+        let tags: Vec<_> = indexes.iter().map(|index| self.invalidate_tag(index)).collect();
+        let counts: Vec<u32> = futures::stream::iter(tags)
             .buffer_unordered(TAGS_AT_ONCE)
             .try_collect()
             .await?;
