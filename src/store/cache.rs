@@ -39,6 +39,18 @@ const INVALIDATE_PAGE: usize = 200;
 /// Tags one InvalidateTags works on at once.
 const TAGS_AT_ONCE: usize = 8;
 
+/// Scripts of one request in flight at once: a request split into many
+/// scripts must not queue them all at once ahead of everyone else's calls
+/// (and the health PING) on the shared connections.
+const SCRIPTS_AT_ONCE: usize = 4;
+
+/// Runs `calls` at most [`SCRIPTS_AT_ONCE`] at a time; their results in
+/// order, or the first error.
+async fn at_most_a_few<T>(calls: Vec<impl Future<Output = Result<T>>>) -> Result<Vec<T>> {
+    use futures::{StreamExt, TryStreamExt};
+    futures::stream::iter(calls).buffered(SCRIPTS_AT_ONCE).try_collect().await
+}
+
 /// A cache read: the value and remaining TTL of a live entry, or a miss.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -147,7 +159,7 @@ impl CacheStore {
     }
 
     /// Reads entries in order: one script call per hash slot (one in all on
-    /// a single server), sent together, each copying at most
+    /// a single server), a few at a time, each copying at most
     /// [`SCRIPT_VALUE_BYTES`] of values (or one value); keys left over are
     /// read by further calls. Each entry's value and TTL are read together;
     /// entries read by different calls are not one snapshot.
@@ -167,7 +179,7 @@ impl CacheStore {
                 parse_entries(reply, group.len())
             });
             let mut next = Vec::new();
-            for (group, read) in pending.iter().zip(futures::future::try_join_all(reads).await?) {
+            for (group, read) in pending.iter().zip(at_most_a_few(reads.collect()).await?) {
                 let mut left = Vec::new();
                 for (&i, entry) in group.iter().zip(read) {
                     match entry {
@@ -211,7 +223,7 @@ impl CacheStore {
     /// Writes every entry (after recording their tags); one script call per
     /// hash slot and bounded run of entries (at most [`SCRIPT_VALUE_BYTES`]
     /// of values and tag names, or one entry, and [`SCRIPT_STEPS`] entries
-    /// and tags), sent together. Returns how many.
+    /// and tags), a few at a time. Returns how many.
     pub async fn set_many(&self, space: &Keys, writes: &[Write<'_>]) -> Result<u32> {
         let recorded = self.record_tags(space, writes).await?;
         let entry_keys: Vec<String> = writes.iter().map(|w| space.cache_entry(w.key)).collect();
@@ -240,11 +252,11 @@ impl CacheStore {
             }
             self.redis.invoke::<u32>(&call).await
         });
-        Ok(futures::future::try_join_all(calls).await?.into_iter().sum())
+        Ok(at_most_a_few(calls.collect()).await?.into_iter().sum())
     }
 
     /// Deletes entries; returns how many existed. One script call per hash
-    /// slot and run of at most 200 entries, sent together.
+    /// slot and run of at most 200 entries, a few at a time.
     pub async fn delete(&self, space: &Keys, keys: &[String]) -> Result<u32> {
         let entry_keys: Vec<String> = keys.iter().map(|key| space.cache_entry(key)).collect();
         self.delete_entries(&self.scripts.delete, &entry_keys, &[]).await
@@ -436,7 +448,7 @@ impl CacheStore {
                     }
                     self.redis.invoke::<()>(&call).await
                 });
-                futures::future::try_join_all(forgets).await?;
+                at_most_a_few(forgets.collect()).await?;
             }
             if next == "0" {
                 return Ok(deleted);
@@ -446,8 +458,8 @@ impl CacheStore {
     }
 
     /// Runs `script` (delete.lua or invalidate_entries.lua) over the entry
-    /// keys, one call per hash slot and run of at most 200 keys, sent
-    /// together, with the fill channel and `extra` as arguments; the sum of
+    /// keys, one call per hash slot and run of at most 200 keys, a few at a
+    /// time, with the fill channel and `extra` as arguments; the sum of
     /// their counts.
     async fn delete_entries(&self, script: &Script, entry_keys: &[String], extra: &[String]) -> Result<u32> {
         let groups: Vec<Vec<usize>> = self
@@ -467,7 +479,7 @@ impl CacheStore {
             }
             self.redis.invoke::<u32>(&call).await
         });
-        Ok(futures::future::try_join_all(calls).await?.into_iter().sum())
+        Ok(at_most_a_few(calls.collect()).await?.into_iter().sum())
     }
 
     /// Records each write's entry in the indexes of its tags, before the
@@ -495,7 +507,7 @@ impl CacheStore {
 
     /// Runs tag_index.lua for `(index, entries with their ttl)`, one call
     /// per hash slot and run of at most [`SCRIPT_STEPS`] members (an index of
-    /// more entries is split over calls), sent together; the earliest Redis
+    /// more entries is split over calls), a few at a time; the earliest Redis
     /// time the calls counted the scores from (an entry that expires at that
     /// time plus its ttl expires no later than any index member for it).
     async fn record(&self, indexes: Vec<(&str, &[(&str, Duration)])>) -> Result<u64> {
@@ -536,7 +548,7 @@ impl CacheStore {
             }
             self.redis.invoke::<u64>(&call).await
         });
-        let times = futures::future::try_join_all(calls).await?;
+        let times = at_most_a_few(calls.collect()).await?;
         times.into_iter().min().ok_or_else(|| Error::Internal("no tag index recorded".into()))
     }
 

@@ -787,9 +787,9 @@ export const CacheService: GenService<{
     output: typeof SetResponseSchema;
   },
   /**
-   * SetMany writes many entries unconditionally; the Redis scripts (at
-   * most 512 KiB of values or one value, and 1,000 entries and tags, each)
-   * are sent together. Each entry is written atomically, with its tags. All
+   * SetMany writes many entries unconditionally, in Redis scripts of at
+   * most 512 KiB of values (or one value) and 1,000 entries and tags each,
+   * a few at a time. Each entry is written atomically, with its tags. All
    * items are validated first; an invalid item rejects the whole batch.
    *
    * @generated from rpc cachecoord.v1.CacheService.SetMany
