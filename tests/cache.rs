@@ -476,7 +476,12 @@ async fn set_many_beyond_one_scripts_bounds_writes_every_item_and_tag() {
     let mut items: Vec<SetItem> = (0..4u8)
         .map(|i| SetItem { key: format!("big{i}"), value: vec![i; 300 << 10], ttl: ms(60_000), tags: vec![] })
         .collect();
-    items.extend((0..3).map(|i| SetItem { key: format!("tagged{i}"), value: b"v".to_vec(), ttl: ms(60_000), tags: tags.clone() }));
+    items.extend((0..3).map(|i| SetItem {
+        key: format!("tagged{i}"),
+        value: b"v".to_vec(),
+        ttl: ms(60_000),
+        tags: tags.clone(),
+    }));
     let stored = cache.set_many(SetManyRequest { items }).await.unwrap().into_inner().stored;
     assert_eq!(stored, 7);
     for i in 0..4u8 {
@@ -503,7 +508,12 @@ async fn delete_and_invalidate_of_many_entries_take_every_one() {
     let mut cache = server.cache();
     let write = |prefix: &'static str, n: usize| SetManyRequest {
         items: (0..n)
-            .map(|i| SetItem { key: format!("{prefix}{i}"), value: b"v".to_vec(), ttl: ms(60_000), tags: vec!["wide".into()] })
+            .map(|i| SetItem {
+                key: format!("{prefix}{i}"),
+                value: b"v".to_vec(),
+                ttl: ms(60_000),
+                tags: vec!["wide".into()],
+            })
             .collect(),
     };
     // 2,500 entries under one tag: many ZSCAN pages and invalidation scripts.
@@ -541,7 +551,9 @@ async fn entries_written_before_an_invalidation_are_gone_after_it_despite_concur
             tokio::spawn(async move {
                 let mut n = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                    let items = (0..50).map(|i| SetItem { value: b"new".to_vec(), ..item(format!("new{w}:{n}:{i}")) }).collect();
+                    let items = (0..50)
+                        .map(|i| SetItem { value: b"new".to_vec(), ..item(format!("new{w}:{n}:{i}")) })
+                        .collect();
                     cache.set_many(SetManyRequest { items }).await.unwrap();
                     n += 1;
                 }

@@ -694,7 +694,10 @@ async fn a_check_holds_at_most_200_limits_by_default() {
     let server = TestServer::start_with(&redis, &["--rate-limit-max-limits", "2"]).await;
     let mut client = server.rate_limit();
     assert!(client.check(request(limits(2))).await.is_ok());
-    assert_invalid(client.check(request(limits(3))).await, "limits: must have at most 2 items (--rate-limit-max-limits)");
+    assert_invalid(
+        client.check(request(limits(3))).await,
+        "limits: must have at most 2 items (--rate-limit-max-limits)",
+    );
 }
 
 /// ResetLimits of more keys than one reset script takes (100) clears every

@@ -608,7 +608,8 @@ async fn count_unique_over_many_days_merges_in_steps() {
             .await
             .unwrap();
     }
-    let request = |days: i64| CountUniqueRequest { name: "u".into(), start: ts(today - (days - 1) * DAY), end: ts(today + 1) };
+    let request =
+        |days: i64| CountUniqueRequest { name: "u".into(), start: ts(today - (days - 1) * DAY), end: ts(today + 1) };
     let before = redis.command_calls().await;
     let count = stats.count_unique(request(64)).await.unwrap().into_inner().count;
     assert_eq!(ran(&before, &redis.command_calls().await), expect(&[("pfcount", 1)]), "64 days: one PFCOUNT");

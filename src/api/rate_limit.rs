@@ -77,7 +77,12 @@ impl RateLimitApi {
             return Err(Error::invalid("limits", "must not be empty"));
         }
         self.limits.batch("limits", request.limits.len())?;
-        self.limits.script_batch("limits", request.limits.len(), self.limits.max_rate_limits, "--rate-limit-max-limits")?;
+        self.limits.script_batch(
+            "limits",
+            request.limits.len(),
+            self.limits.max_rate_limits,
+            "--rate-limit-max-limits",
+        )?;
         let cost = request.cost.unwrap_or(1);
         units("cost", cost)?;
         let mut seen = HashMap::with_capacity(request.limits.len());

@@ -418,10 +418,7 @@ impl CacheStore {
         // Collected first: a stream mapping references by a closure is not
         // `Send` for the handler (a higher-ranked lifetime limitation).
         let tags: Vec<_> = indexes.iter().map(|index| self.invalidate_tag(index)).collect();
-        let counts: Vec<u32> = futures::stream::iter(tags)
-            .buffer_unordered(TAGS_AT_ONCE)
-            .try_collect()
-            .await?;
+        let counts: Vec<u32> = futures::stream::iter(tags).buffer_unordered(TAGS_AT_ONCE).try_collect().await?;
         Ok(counts.into_iter().sum())
     }
 
