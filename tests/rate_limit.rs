@@ -682,7 +682,9 @@ async fn a_check_holds_at_most_200_limits_by_default() {
     let redis = RedisServer::start().await;
     let server = TestServer::start(&redis).await;
     let mut client = server.rate_limit();
-    let limits = |n: usize| (0..n).map(|i| limit(&format!("k{i}"), 1, 60_000, Algorithm::FixedWindow)).collect();
+    let limits = |n: usize| -> Vec<Limit> {
+        (0..n).map(|i| limit(&format!("k{i}"), 1, 60_000, Algorithm::FixedWindow)).collect()
+    };
     let response = check(&mut client, request(limits(200))).await;
     assert!(response.allowed);
     assert_eq!(response.statuses.len(), 200);
