@@ -127,6 +127,19 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_MAX_BATCH", default_value_t = 1000)]
     pub max_batch: usize,
 
+    /// Most limits in one RateLimit Check (and descriptors in one Envoy
+    /// ShouldRateLimit). A check is one Lua script, atomic over all its
+    /// limits, and blocks Redis about 13 µs per limit: the default keeps it
+    /// under 5 ms (RELIABILITY.md).
+    #[arg(long, env = "CACHECOORD_RATE_LIMIT_MAX_LIMITS", default_value_t = 200)]
+    pub rate_limit_max_limits: usize,
+
+    /// Most deltas in one Stats Increment. An increment is one Lua script,
+    /// atomic over all its deltas, and blocks Redis about 30 µs per delta:
+    /// the default keeps it under 5 ms (RELIABILITY.md).
+    #[arg(long, env = "CACHECOORD_STATS_MAX_DELTAS", default_value_t = 100)]
+    pub stats_max_deltas: usize,
+
     /// Longest TTL a request may ask for.
     #[arg(long, env = "CACHECOORD_MAX_TTL", default_value = "30d", value_parser = duration)]
     pub max_ttl: Duration,
@@ -279,6 +292,8 @@ impl Config {
         check(self.max_key_bytes > 0, "--max-key-bytes must be at least 1");
         check(self.max_value_bytes > 0, "--max-value-bytes must be at least 1");
         check(self.max_batch > 0, "--max-batch must be at least 1");
+        check(self.rate_limit_max_limits > 0, "--rate-limit-max-limits must be at least 1");
+        check(self.stats_max_deltas > 0, "--stats-max-deltas must be at least 1");
         check(!self.max_ttl.is_zero(), "--max-ttl must be positive");
         check(!self.max_revocation_ttl.is_zero(), "--max-revocation-ttl must be positive");
         check(

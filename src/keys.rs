@@ -99,6 +99,12 @@ impl Keys {
         format!("{}:su:{{{name}}}:d:{start}", self.prefix)
     }
 
+    /// A scratch HyperLogLog merging some of unique set `name`'s days for one
+    /// CountUnique call (`token` is the call's); in their slot.
+    pub fn stats_unique_merge(&self, name: &str, token: &str) -> String {
+        format!("{}:su:{{{name}}}:m:{token}", self.prefix)
+    }
+
     /// Activity group `group` (sorted set: member → last seen, Unix ms).
     pub fn stats_active(&self, group: &str) -> String {
         format!("{}:sa:{{{group}}}", self.prefix)

@@ -429,3 +429,147 @@ async fn data_is_readable_by_plain_redis_clients() {
     let value: String = redis::cmd("GET").arg(server.cache_key("plain")).query_async(&mut conn).await.unwrap();
     assert_eq!(value, "hello");
 }
+
+// Redis blocking budget (RELIABILITY.md): large requests are split into
+// bounded scripts; the answers are those of one call.
+
+#[tokio::test]
+async fn get_many_reads_values_beyond_one_scripts_byte_budget() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    // Five values of 300 KiB: more than one script copies (512 KiB), so the
+    // read takes several rounds; small values and misses between them.
+    let mut keys = Vec::new();
+    let mut expected = Vec::new();
+    for i in 0..5u8 {
+        let big = vec![i; 300 << 10];
+        cache.set(SetRequest { ttl: ms(60_000), ..set(&format!("big{i}"), &big) }).await.unwrap();
+        cache.set(set(&format!("small{i}"), &[i])).await.unwrap();
+        keys.extend([format!("big{i}"), format!("small{i}"), format!("none{i}")]);
+        expected.extend([Some(big), Some(vec![i]), None]);
+    }
+    keys.push("big0".into());
+    expected.push(Some(vec![0; 300 << 10]));
+    let before = redis.calls("evalsha").await;
+    let entries = cache.get_many(GetManyRequest { keys: keys.clone() }).await.unwrap().into_inner().entries;
+    assert!(redis.calls("evalsha").await - before >= 3, "read in several scripts");
+    assert_eq!(entries.len(), keys.len());
+    for ((entry, key), want) in entries.iter().zip(&keys).zip(&expected) {
+        assert_eq!(&entry.key, key);
+        assert_eq!(entry.found, want.is_some(), "{key}");
+        assert_eq!(&entry.value, want.as_ref().unwrap_or(&Vec::new()), "{key}");
+        if key.starts_with("big") {
+            assert!(ttl_ms(entry.ttl) > 50_000, "{key} keeps its ttl");
+        }
+    }
+}
+
+#[tokio::test]
+async fn set_many_beyond_one_scripts_bounds_writes_every_item_and_tag() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    // 4 values of 300 KiB (over the bytes of one script) and 3 items of 600
+    // tags (over the steps of one script and of one tag_index call).
+    let tags: Vec<String> = (0..600).map(|i| format!("t{i}")).collect();
+    let mut items: Vec<SetItem> = (0..4u8)
+        .map(|i| SetItem { key: format!("big{i}"), value: vec![i; 300 << 10], ttl: ms(60_000), tags: vec![] })
+        .collect();
+    items.extend((0..3).map(|i| SetItem {
+        key: format!("tagged{i}"),
+        value: b"v".to_vec(),
+        ttl: ms(60_000),
+        tags: tags.clone(),
+    }));
+    let stored = cache.set_many(SetManyRequest { items }).await.unwrap().into_inner().stored;
+    assert_eq!(stored, 7);
+    for i in 0..4u8 {
+        let got = cache.get(get(&format!("big{i}"))).await.unwrap().into_inner();
+        assert_eq!(got.value, vec![i; 300 << 10]);
+    }
+    // Every tag reaches every tagged entry: the last tag, then the first.
+    for tag in ["t599", "t0"] {
+        for i in 0..3 {
+            cache.set(SetRequest { tags: tags.clone(), ..set(&format!("tagged{i}"), b"v") }).await.unwrap();
+        }
+        let invalidated = cache.invalidate_tags(InvalidateTagsRequest { tags: vec![tag.into()] }).await.unwrap();
+        assert_eq!(invalidated.into_inner().invalidated, 3, "{tag}");
+        for i in 0..3 {
+            assert!(!cache.get(get(&format!("tagged{i}"))).await.unwrap().into_inner().found);
+        }
+    }
+}
+
+#[tokio::test]
+async fn delete_and_invalidate_of_many_entries_take_every_one() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    let write = |prefix: &'static str, n: usize| SetManyRequest {
+        items: (0..n)
+            .map(|i| SetItem {
+                key: format!("{prefix}{i}"),
+                value: b"v".to_vec(),
+                ttl: ms(60_000),
+                tags: vec!["wide".into()],
+            })
+            .collect(),
+    };
+    // 2,500 entries under one tag: many ZSCAN pages and invalidation scripts.
+    for prefix in ["a", "b"] {
+        cache.set_many(write(prefix, 1000)).await.unwrap();
+    }
+    cache.set_many(write("c", 500)).await.unwrap();
+    let keys: Vec<String> = (0..1000).map(|i| format!("c{i}")).collect();
+    let deleted = cache.delete(DeleteRequest { keys }).await.unwrap().into_inner().deleted;
+    assert_eq!(deleted, 500, "more keys than one delete script takes; only the live ones count");
+    let invalidated = cache.invalidate_tags(InvalidateTagsRequest { tags: vec!["wide".into()] }).await.unwrap();
+    assert_eq!(invalidated.into_inner().invalidated, 2000);
+    assert!(stored_keys(&redis, &server).await.is_empty(), "entries, tag lists and the index are gone");
+}
+
+/// InvalidateTags works in steps; its guarantee is that no entry written
+/// before the call began is readable after it returns, whatever is written
+/// meanwhile.
+#[tokio::test]
+async fn entries_written_before_an_invalidation_are_gone_after_it_despite_concurrent_writes() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut cache = server.cache();
+    let item = |key: String| SetItem { key, value: b"old".to_vec(), ttl: ms(60_000), tags: vec!["t".into()] };
+    for n in 0..3 {
+        let items = (0..1000).map(|i| item(format!("old{n}:{i}"))).collect();
+        cache.set_many(SetManyRequest { items }).await.unwrap();
+    }
+    // Writers keep adding entries under the tag (and rewriting old ones
+    // with new values) while the invalidation runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (mut cache, stop) = (server.cache(), std::sync::Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let items = (0..50)
+                        .map(|i| SetItem { value: b"new".to_vec(), ..item(format!("new{w}:{n}:{i}")) })
+                        .collect();
+                    cache.set_many(SetManyRequest { items }).await.unwrap();
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let invalidated = cache.invalidate_tags(InvalidateTagsRequest { tags: vec!["t".into()] }).await.unwrap();
+    assert!(invalidated.into_inner().invalidated >= 3000);
+    let keys: Vec<String> = (0..3).flat_map(|n| (0..1000).map(move |i| format!("old{n}:{i}"))).collect();
+    for chunk in keys.chunks(1000) {
+        let entries = cache.get_many(GetManyRequest { keys: chunk.to_vec() }).await.unwrap().into_inner().entries;
+        assert!(entries.iter().all(|e| !e.found), "an entry written before the invalidation survived it");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+}

@@ -414,6 +414,14 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
     }
     // The boundary: 2^53 hits is accepted.
     assert!(is_over(ask(&mut client, request("edge", vec![with_hits(&[("hot", "b")], 1 << 53)])).await.overall_code));
+    // At most 200 descriptors (--rate-limit-max-limits: one check script).
+    let descriptors =
+        |n: usize| -> Vec<RateLimitDescriptor> { (0..n).map(|i| descriptor(&[("a", &format!("b{i}"))])).collect() };
+    assert_eq!(ask(&mut client, request("edge", descriptors(200))).await.statuses.len(), 200);
+    common::assert_invalid(
+        client.should_rate_limit(request("edge", descriptors(201))).await,
+        "descriptors: must have at most 200 items (--rate-limit-max-limits)",
+    );
 }
 
 #[tokio::test]

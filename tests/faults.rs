@@ -325,3 +325,49 @@ async fn commands_in_flight_are_bounded_and_the_rest_wait_then_give_up() {
     assert_eq!(sent, 2, "commands sent during the stall");
     assert!(server.cache().get(get("k")).await.unwrap().into_inner().found);
 }
+
+/// Fetch and lock Acquire take a connection and then run their script on
+/// it, each step bounded by `--redis-timeout` on its own; together they
+/// must still answer UNAVAILABLE within one timeout, before a caller's
+/// deadline of one and a half (the torture program saw them take two).
+/// Here the service's connections are cut and Redis stalls, so each call
+/// opens a connection against a Redis that does not answer.
+#[tokio::test]
+async fn fetch_and_acquire_fail_unavailable_within_one_redis_timeout() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start_with(&redis, &["--redis-timeout", "400ms", "--redis-connect-timeout", "5s"]).await;
+    let (mut cache, mut locks) = (server.cache(), server.locks());
+    let fetch = || {
+        let mut request = tonic::Request::new(FetchRequest { key: "k".into(), fill_timeout: None, max_wait: None });
+        request.set_timeout(Duration::from_millis(600));
+        request
+    };
+    let acquire = || {
+        let request = AcquireRequest { name: "l".into(), ttl: None, wait: None, owner: String::new() };
+        let mut request = tonic::Request::new(request);
+        request.set_timeout(Duration::from_millis(600));
+        request
+    };
+    // Scripts loaded, as in a running service.
+    assert_eq!(cache.fetch(fetch()).await.unwrap().into_inner().outcome, FetchOutcome::Fill as i32);
+    let grant = locks.acquire(acquire()).await.unwrap().into_inner();
+    let release = ReleaseRequest { name: "l".into(), lease_id: grant.lease_id };
+    assert!(locks.release(release).await.unwrap().into_inner().released);
+
+    let mut admin = redis.client().await;
+    let _: i64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("normal")
+        .arg("SKIPME")
+        .arg("yes")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let stall = redis.stall(2.0).await;
+    let status = cache.fetch(fetch()).await.expect_err("redis is stalled");
+    assert_eq!(status.code(), Code::Unavailable, "fetch: {status:?}");
+    let status = locks.acquire(acquire()).await.expect_err("redis is stalled");
+    assert_eq!(status.code(), Code::Unavailable, "acquire: {status:?}");
+    stall.await.unwrap();
+}

@@ -673,3 +673,52 @@ async fn rejected_requests_write_nothing() {
     assert_invalid(client.check(with_cost(too_costly, 3)).await, "cost");
     assert!(state_keys(&redis, &server).await.is_empty());
 }
+
+/// A Check is one script, atomic over its limits, so its size is what
+/// bounds the time it holds Redis: at most 200 limits by default
+/// (--rate-limit-max-limits), at most --max-batch in any case.
+#[tokio::test]
+async fn a_check_holds_at_most_200_limits_by_default() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut client = server.rate_limit();
+    let limits = |n: usize| -> Vec<Limit> {
+        (0..n).map(|i| limit(&format!("k{i}"), 1, 60_000, Algorithm::FixedWindow)).collect()
+    };
+    let response = check(&mut client, request(limits(200))).await;
+    assert!(response.allowed);
+    assert_eq!(response.statuses.len(), 200);
+    assert_invalid(
+        client.check(request(limits(201))).await,
+        "limits: must have at most 200 items (--rate-limit-max-limits)",
+    );
+
+    let server = TestServer::start_with(&redis, &["--rate-limit-max-limits", "2"]).await;
+    let mut client = server.rate_limit();
+    assert!(client.check(request(limits(2))).await.is_ok());
+    assert_invalid(
+        client.check(request(limits(3))).await,
+        "limits: must have at most 2 items (--rate-limit-max-limits)",
+    );
+}
+
+/// ResetLimits of more keys than one reset script takes (100) clears every
+/// one of them under every algorithm.
+#[tokio::test]
+async fn reset_of_1000_keys_clears_every_state() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut client = server.rate_limit();
+    for algorithm in [Algorithm::FixedWindow, Algorithm::SlidingWindow, Algorithm::TokenBucket] {
+        for first in (0..1000).step_by(200) {
+            let limits = (first..first + 200).map(|i| limit(&format!("k{i}"), 1, 60_000, algorithm)).collect();
+            assert!(check(&mut client, request(limits)).await.allowed);
+        }
+    }
+    let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
+    let reset = client.reset_limits(ResetLimitsRequest { keys }).await.unwrap().into_inner().reset;
+    assert_eq!(reset, 1000);
+    let mut conn = redis.client().await;
+    let left: Vec<String> = conn.keys(format!("{}:rl:*", server.prefix)).await.unwrap();
+    assert!(left.is_empty(), "{} states left", left.len());
+}

@@ -518,6 +518,15 @@ async fn bad_input_is_rejected_naming_the_field_and_writes_nothing() {
     assert_invalid(stats.increment(IncrementRequest { deltas: vec![delta(&long, 1)] }).await, "deltas[0].name");
     let too_many = (0..1001).map(|i| delta(&format!("n{i}"), 1)).collect();
     assert_invalid(stats.increment(IncrementRequest { deltas: too_many }).await, "deltas");
+    // At most 100 deltas (--stats-max-deltas): one script, within Redis's
+    // blocking budget.
+    let at_most = (0..100).map(|i| delta(&format!("n{i}"), 0)).collect();
+    assert!(stats.increment(IncrementRequest { deltas: at_most }).await.is_ok());
+    let too_many = (0..101).map(|i| delta(&format!("n{i}"), 1)).collect();
+    assert_invalid(
+        stats.increment(IncrementRequest { deltas: too_many }).await,
+        "deltas: must have at most 100 items (--stats-max-deltas)",
+    );
 
     // GetSeries.
     assert_invalid(stats.get_series(series("", Granularity::Minute, now, now)).await, "name");
@@ -567,4 +576,49 @@ async fn bad_input_is_rejected_naming_the_field_and_writes_nothing() {
     assert_eq!(stats.increment(IncrementRequest { deltas: batch }).await.unwrap().into_inner().values.len(), 1000);
     stats.add_unique(AddUniqueRequest { name: "u".into(), members: vec![max.clone(); 1000] }).await.unwrap();
     stats.mark_active(MarkActiveRequest { group: max.clone(), member: max }).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_deltas_limit_is_configurable() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start_with(&redis, &["--stats-max-deltas", "3"]).await;
+    let mut stats = server.stats();
+    let deltas = |n: usize| IncrementRequest { deltas: (0..n).map(|i| delta(&format!("n{i}"), 1)).collect() };
+    assert!(stats.increment(deltas(3)).await.is_ok());
+    assert_invalid(stats.increment(deltas(4)).await, "deltas: must have at most 3 items (--stats-max-deltas)");
+}
+
+/// More days than one PFCOUNT takes (64) are merged in steps into a scratch
+/// key, which is gone afterwards.
+#[tokio::test]
+async fn count_unique_over_many_days_merges_in_steps() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut stats = server.stats();
+    let mut conn = redis.client().await;
+    let day_key = |start: i64| format!("{}:su:{{u}}:d:{start}", server.prefix);
+    let today = local_day_start("UTC", redis_now(&redis).await);
+    // 200 past days, each with its own member and one seen every day.
+    for day in 0..200 {
+        let _: i64 = redis::cmd("PFADD")
+            .arg(day_key(today - day * DAY))
+            .arg(format!("only-{day}"))
+            .arg("everyday")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let request =
+        |days: i64| CountUniqueRequest { name: "u".into(), start: ts(today - (days - 1) * DAY), end: ts(today + 1) };
+    let before = redis.command_calls().await;
+    let count = stats.count_unique(request(64)).await.unwrap().into_inner().count;
+    assert_eq!(ran(&before, &redis.command_calls().await), expect(&[("pfcount", 1)]), "64 days: one PFCOUNT");
+    assert!((63..=67).contains(&count), "{count}");
+
+    let before = redis.command_calls().await;
+    let count = stats.count_unique(request(300)).await.unwrap().into_inner().count;
+    let ran = ran(&before, &redis.command_calls().await);
+    assert_eq!(ran.get("pfmerge"), Some(&5), "300 days in steps of 64: {ran:?}");
+    assert!((197..=205).contains(&count), "{count}");
+    assert_eq!(keys(&redis, &server, "su:{u}:m:*").await, Vec::<String>::new(), "no scratch key is left");
 }

@@ -50,6 +50,8 @@ impl EnvoyRateLimitApi {
             return Err(Error::invalid("descriptors", "must not be empty"));
         }
         limits.batch("descriptors", request.descriptors.len())?;
+        let (len, max) = (request.descriptors.len(), limits.max_rate_limits);
+        limits.script_batch("descriptors", len, max, "--rate-limit-max-limits")?;
         let default_hits = u64::from(request.hits_addend.max(1));
         request
             .descriptors

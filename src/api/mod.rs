@@ -25,6 +25,10 @@ pub struct Limits {
     pub max_batch: usize,
     /// Longest TTL.
     pub max_ttl: Duration,
+    /// Most limits in one rate-limit check (each check is one script).
+    pub max_rate_limits: usize,
+    /// Most deltas in one Stats Increment (one script).
+    pub max_deltas: usize,
 }
 
 impl Limits {
@@ -35,6 +39,8 @@ impl Limits {
             max_value_bytes: config.max_value_bytes,
             max_batch: config.max_batch,
             max_ttl: config.max_ttl,
+            max_rate_limits: config.rate_limit_max_limits,
+            max_deltas: config.stats_max_deltas,
         }
     }
 
@@ -76,6 +82,15 @@ impl Limits {
     pub fn batch(&self, field: &str, len: usize) -> Result<(), Error> {
         if len > self.max_batch {
             return Err(Error::invalid(field, format!("must have at most {} items", self.max_batch)));
+        }
+        Ok(())
+    }
+
+    /// A batch that runs as one script (atomic, so not split): at most `max`
+    /// items; the message names the flag that sets `max`.
+    pub fn script_batch(&self, field: &str, len: usize, max: usize, flag: &str) -> Result<(), Error> {
+        if len > max {
+            return Err(Error::invalid(field, format!("must have at most {max} items ({flag})")));
         }
         Ok(())
     }
@@ -194,7 +209,14 @@ mod tests {
     use super::*;
 
     fn limits() -> Limits {
-        Limits { max_key_bytes: 4, max_value_bytes: 8, max_batch: 2, max_ttl: Duration::from_secs(60) }
+        Limits {
+            max_key_bytes: 4,
+            max_value_bytes: 8,
+            max_batch: 2,
+            max_ttl: Duration::from_secs(60),
+            max_rate_limits: 2,
+            max_deltas: 2,
+        }
     }
 
     #[test]

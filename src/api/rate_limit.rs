@@ -77,6 +77,7 @@ impl RateLimitApi {
             return Err(Error::invalid("limits", "must not be empty"));
         }
         bounds.batch("limits", request.limits.len())?;
+        bounds.script_batch("limits", request.limits.len(), bounds.max_rate_limits, "--rate-limit-max-limits")?;
         let cost = request.cost.unwrap_or(1);
         units("cost", cost)?;
         let mut seen = HashMap::with_capacity(request.limits.len());

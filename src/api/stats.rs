@@ -97,6 +97,7 @@ impl StatsService for StatsApi {
         let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
         self.non_empty_batch(&limits, "deltas", request.deltas.len())?;
+        limits.script_batch("deltas", request.deltas.len(), limits.max_deltas, "--stats-max-deltas")?;
         let deltas = request
             .deltas
             .iter()

@@ -187,7 +187,14 @@ pub fn entry(id: &str, tenant: &str, allow: &[String]) -> Result<(String, String
         "\n[[keys]]\nid = {id:?}\ntenant = {tenant:?}\nsecret_sha256 = \"{hash}\"\nallow = [{}]\n",
         allow.join(", ")
     );
-    let limits = Limits { max_key_bytes: 1, max_value_bytes: 1, max_batch: 1, max_ttl: Duration::from_secs(1) };
+    let limits = Limits {
+        max_key_bytes: 1,
+        max_value_bytes: 1,
+        max_batch: 1,
+        max_ttl: Duration::from_secs(1),
+        max_rate_limits: 1,
+        max_deltas: 1,
+    };
     KeyRing::parse(&entry, &limits)?;
     Ok((key, entry))
 }
@@ -241,6 +248,7 @@ fn tighten(process: &Limits, tenant: &TenantEntry) -> Result<Limits, String> {
         max_value_bytes: pick("max_value_bytes", process.max_value_bytes, tenant.max_value_bytes)?,
         max_batch: pick("max_batch", process.max_batch, tenant.max_batch)?,
         max_ttl: pick("max_ttl", process.max_ttl, max_ttl)?,
+        ..*process
     })
 }
 
@@ -254,6 +262,8 @@ mod tests {
             max_value_bytes: 1 << 20,
             max_batch: 1000,
             max_ttl: Duration::from_secs(30 * 86_400),
+            max_rate_limits: 200,
+            max_deltas: 100,
         }
     }
 

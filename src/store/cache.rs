@@ -22,6 +22,40 @@ macro_rules! write_script {
     };
 }
 
+/// Most value and argument bytes one script copies through Lua (about
+/// 3 ms of Redis time per MiB); a single larger item still goes alone.
+pub const SCRIPT_VALUE_BYTES: usize = 512 << 10;
+
+/// Most steps one script takes (an entry written or deleted, a tag, an index
+/// member: a few µs of Redis time each); larger batches are split into
+/// several scripts, each atomic on its own.
+pub const SCRIPT_STEPS: usize = 1000;
+
+/// Redis commands a tag_index.lua call runs per index besides its members.
+const INDEX_STEPS: usize = 4;
+
+/// Entries one delete.lua or invalidate_entries.lua call deals with (about
+/// five commands each).
+const DELETES_PER_SCRIPT: usize = 200;
+
+/// Index members an invalidation reads per ZSCAN (a hint to Redis).
+const INVALIDATE_PAGE: usize = 200;
+
+/// Tags one InvalidateTags works on at once.
+const TAGS_AT_ONCE: usize = 8;
+
+/// Scripts of one request in flight at once: a request split into many
+/// scripts must not queue them all at once ahead of everyone else's calls
+/// (and the health PING) on the shared connections.
+const SCRIPTS_AT_ONCE: usize = 4;
+
+/// Runs `calls` at most [`SCRIPTS_AT_ONCE`] at a time; their results in
+/// order, or the first error.
+async fn at_most_a_few<T>(calls: Vec<impl Future<Output = Result<T>>>) -> Result<Vec<T>> {
+    use futures::{StreamExt, TryStreamExt};
+    futures::stream::iter(calls).buffered(SCRIPTS_AT_ONCE).try_collect().await
+}
+
 /// A cache read: the value and remaining TTL of a live entry, or a miss.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
@@ -139,24 +173,44 @@ impl CacheStore {
     }
 
     /// Reads entries in order: one script call per hash slot (one in all on
-    /// a single server), sent together.
+    /// a single server), a few at a time, each copying at most
+    /// [`SCRIPT_VALUE_BYTES`] of values (or one value); keys left over are
+    /// read by further calls. Each entry's value and TTL are read together;
+    /// entries read by different calls are not one snapshot.
     pub async fn get_many(&self, space: &Keys, keys: &[String]) -> Result<Vec<Entry>> {
         let entry_keys: Vec<String> = keys.iter().map(|key| space.cache_entry(key)).collect();
-        let groups = self.redis.slot_groups(entry_keys.iter().map(String::as_str));
-        let entry_keys = &entry_keys;
-        let reads = groups.iter().map(|group| async move {
-            let mut call = self.scripts.get.prepare_invoke();
-            for &i in group {
-                call.key(&entry_keys[i]);
-            }
-            let reply: Vec<Value> = self.redis.invoke(&call).await?;
-            parse_entries(reply, group.len())
-        });
         let mut entries = vec![Entry { value: None, ttl: None }; keys.len()];
-        for (group, read) in groups.iter().zip(futures::future::try_join_all(reads).await?) {
-            for (&i, entry) in group.iter().zip(read) {
-                entries[i] = entry;
+        let mut pending = self.redis.slot_groups(entry_keys.iter().map(String::as_str));
+        let entry_keys = &entry_keys;
+        while !pending.is_empty() {
+            let reads = pending.iter().map(|group| async move {
+                let mut call = self.scripts.get.prepare_invoke();
+                for &i in group {
+                    call.key(&entry_keys[i]);
+                }
+                call.arg(SCRIPT_VALUE_BYTES);
+                let reply: Vec<Value> = self.redis.invoke(&call).await?;
+                parse_entries(reply, group.len())
+            });
+            let mut next = Vec::new();
+            for (group, read) in pending.iter().zip(at_most_a_few(reads.collect()).await?) {
+                let mut left = Vec::new();
+                for (&i, entry) in group.iter().zip(read) {
+                    match entry {
+                        Some(entry) => entries[i] = entry,
+                        None => left.push(i),
+                    }
+                }
+                // The script always reads a group's first key: each round
+                // makes progress.
+                if left.len() == group.len() {
+                    return Err(Error::Internal("get read none of its keys".into()));
+                }
+                if !left.is_empty() {
+                    next.push(left);
+                }
             }
+            pending = next;
         }
         Ok(entries)
     }
@@ -181,11 +235,24 @@ impl CacheStore {
     }
 
     /// Writes every entry (after recording their tags); one script call per
-    /// hash slot, sent together. Returns how many.
+    /// hash slot and bounded run of entries (at most [`SCRIPT_VALUE_BYTES`]
+    /// of values and tag names, or one entry, and [`SCRIPT_STEPS`] entries
+    /// and tags), a few at a time. Returns how many.
     pub async fn set_many(&self, space: &Keys, writes: &[Write<'_>]) -> Result<u32> {
         let recorded = self.record_tags(space, writes).await?;
         let entry_keys: Vec<String> = writes.iter().map(|w| space.cache_entry(w.key)).collect();
-        let groups = self.redis.slot_groups(entry_keys.iter().map(String::as_str));
+        let cost = |i: usize| {
+            let write = &writes[i];
+            // A tag goes as its index's key name: the tag plus the prefix.
+            let tag_bytes: usize = write.tags.iter().map(|tag| tag.len() + 32).sum();
+            (entry_keys[i].len() + write.value.len() + tag_bytes, 1 + write.tags.len())
+        };
+        let groups: Vec<Vec<usize>> = self
+            .redis
+            .slot_groups(entry_keys.iter().map(String::as_str))
+            .iter()
+            .flat_map(|group| bounded_runs(group, cost))
+            .collect();
         let entry_keys = &entry_keys;
         let calls = groups.iter().map(|group| async move {
             let mut call = self.scripts.set_many.prepare_invoke();
@@ -199,11 +266,11 @@ impl CacheStore {
             }
             self.redis.invoke::<u32>(&call).await
         });
-        Ok(futures::future::try_join_all(calls).await?.into_iter().sum())
+        Ok(at_most_a_few(calls.collect()).await?.into_iter().sum())
     }
 
     /// Deletes entries; returns how many existed. One script call per hash
-    /// slot, sent together.
+    /// slot and run of at most 200 entries, a few at a time.
     pub async fn delete(&self, space: &Keys, keys: &[String]) -> Result<u32> {
         let entry_keys: Vec<String> = keys.iter().map(|key| space.cache_entry(key)).collect();
         self.delete_entries(&self.scripts.delete, &entry_keys, &[]).await
@@ -284,7 +351,18 @@ impl CacheStore {
         }
     }
 
+    /// One attempt, within one Redis timeout in all (taking a connection
+    /// and running the script on it).
     async fn try_fetch(self: &Arc<Self>, entry_key: &str, lease_key: &str, fill_timeout: Duration) -> Result<Attempt> {
+        self.redis.within_timeout(self.try_fetch_on_a_connection(entry_key, lease_key, fill_timeout)).await
+    }
+
+    async fn try_fetch_on_a_connection(
+        self: &Arc<Self>,
+        entry_key: &str,
+        lease_key: &str,
+        fill_timeout: Duration,
+    ) -> Result<Attempt> {
         let token = random_token();
         // Should this call be cancelled while the script is under way, the
         // script may still grant the lease to a caller who will never fill:
@@ -335,42 +413,72 @@ impl CacheStore {
     }
 
     /// Deletes every entry still tagged with any of the tags; returns how
-    /// many. Three steps, each one call per hash slot sent together: read the
-    /// tag indexes, delete their entries (each slot's entries in one script,
-    /// only those whose tag list still names an invalidated tag), then drop
-    /// the index members dealt with, keeping any a write re-recorded
-    /// meanwhile. An entry whose write completed before this call began is
-    /// in an index (writes record tags first), so it is gone when this
-    /// returns; an interrupted invalidation leaves the indexes for the next.
+    /// many. Tags are worked on a few at a time, each in bounded steps:
+    /// read a page of the tag's index (ZSCAN), delete its entries (one
+    /// script per hash slot and run of at most 200 entries, only those whose
+    /// tag list still names the tag), then drop the index members dealt
+    /// with, keeping any a write re-recorded meanwhile; until the scan ends.
+    ///
+    /// The guarantee: an entry whose write completed before this call began
+    /// is in the index (writes record tags first) and stays there until an
+    /// invalidation deals with it or it expires, and a scan returns every
+    /// member present from its start to its end; so it is gone when this
+    /// returns. Entries written during the call may or may not survive. An
+    /// interrupted invalidation may have deleted some entries and leaves the
+    /// index members of the others for the next one: a retry completes it.
     pub async fn invalidate_tags(&self, space: &Keys, tags: &[String]) -> Result<u32> {
+        use futures::{StreamExt, TryStreamExt};
         let indexes: Vec<String> = tags.iter().map(|tag| space.cache_tag(tag)).collect();
-        let reads = indexes.iter().map(|index| async move {
-            let members: Vec<(String, String)> =
-                self.redis.query(redis::cmd("ZRANGE").arg(index).arg(0).arg(-1).arg("WITHSCORES")).await?;
-            Ok::<_, Error>(members)
-        });
-        let members = futures::future::try_join_all(reads).await?;
-        let mut entries: Vec<String> = members.iter().flatten().map(|(entry, _)| entry.clone()).collect();
-        entries.sort_unstable();
-        entries.dedup();
-        let deleted = self.delete_entries(&self.scripts.invalidate_entries, &entries, &indexes).await?;
-        let forgets = indexes.iter().zip(&members).filter(|(_, m)| !m.is_empty()).map(|(index, members)| async move {
-            let mut call = self.scripts.tag_forget.prepare_invoke();
-            call.key(index);
-            for (entry, score) in members {
-                call.arg(entry).arg(score);
+        // Collected first: a stream mapping references by a closure is not
+        // `Send` for the handler (a higher-ranked lifetime limitation).
+        let tags: Vec<_> = indexes.iter().map(|index| self.invalidate_tag(index)).collect();
+        let counts: Vec<u32> = futures::stream::iter(tags).buffer_unordered(TAGS_AT_ONCE).try_collect().await?;
+        Ok(counts.into_iter().sum())
+    }
+
+    /// One tag of [`CacheStore::invalidate_tags`], page by page.
+    async fn invalidate_tag(&self, index: &str) -> Result<u32> {
+        let extra = [index.to_string()];
+        let mut cursor = String::from("0");
+        let mut deleted = 0;
+        loop {
+            let mut scan = redis::cmd("ZSCAN");
+            scan.arg(index).arg(&cursor).arg("COUNT").arg(INVALIDATE_PAGE);
+            let (next, flat): (String, Vec<String>) = self.redis.query(&scan).await?;
+            let members: Vec<(&String, &String)> = flat.chunks_exact(2).map(|pair| (&pair[0], &pair[1])).collect();
+            if !members.is_empty() {
+                let mut entries: Vec<String> = members.iter().map(|(entry, _)| (*entry).clone()).collect();
+                entries.sort_unstable();
+                entries.dedup();
+                deleted += self.delete_entries(&self.scripts.invalidate_entries, &entries, &extra).await?;
+                let forgets = members.chunks(SCRIPT_STEPS / 2).map(|members| async move {
+                    let mut call = self.scripts.tag_forget.prepare_invoke();
+                    call.key(index);
+                    for (entry, score) in members {
+                        call.arg(*entry).arg(*score);
+                    }
+                    self.redis.invoke::<()>(&call).await
+                });
+                at_most_a_few(forgets.collect()).await?;
             }
-            self.redis.invoke::<()>(&call).await
-        });
-        futures::future::try_join_all(forgets).await?;
-        Ok(deleted)
+            if next == "0" {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
     }
 
     /// Runs `script` (delete.lua or invalidate_entries.lua) over the entry
-    /// keys, one call per hash slot sent together, with the fill channel and
-    /// `extra` as arguments; the sum of their counts.
+    /// keys, one call per hash slot and run of at most 200 keys, a few at a
+    /// time, with the fill channel and `extra` as arguments; the sum of
+    /// their counts.
     async fn delete_entries(&self, script: &Script, entry_keys: &[String], extra: &[String]) -> Result<u32> {
-        let groups = self.redis.slot_groups(entry_keys.iter().map(String::as_str));
+        let groups: Vec<Vec<usize>> = self
+            .redis
+            .slot_groups(entry_keys.iter().map(String::as_str))
+            .iter()
+            .flat_map(|group| group.chunks(DELETES_PER_SCRIPT).map(<[usize]>::to_vec))
+            .collect();
         let calls = groups.iter().map(|group| async move {
             let mut call = script.prepare_invoke();
             for &i in group {
@@ -382,7 +490,7 @@ impl CacheStore {
             }
             self.redis.invoke::<u32>(&call).await
         });
-        Ok(futures::future::try_join_all(calls).await?.into_iter().sum())
+        Ok(at_most_a_few(calls.collect()).await?.into_iter().sum())
     }
 
     /// Records each write's entry in the indexes of its tags, before the
@@ -394,13 +502,14 @@ impl CacheStore {
         }
         let entry_keys: Vec<String> = writes.iter().map(|w| space.cache_entry(w.key)).collect();
         let mut by_index: Vec<(String, Vec<(&str, Duration)>)> = Vec::new();
+        let mut position: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
         for (write, entry) in writes.iter().zip(&entry_keys) {
             for tag in write.tags {
-                let index = space.cache_tag(tag);
-                match by_index.iter_mut().find(|(i, _)| *i == index) {
-                    Some((_, entries)) => entries.push((entry, write.ttl)),
-                    None => by_index.push((index, vec![(entry, write.ttl)])),
-                }
+                let i = *position.entry(tag.as_str()).or_insert_with(|| {
+                    by_index.push((space.cache_tag(tag), Vec::new()));
+                    by_index.len() - 1
+                });
+                by_index[i].1.push((entry, write.ttl));
             }
         }
         let indexes = by_index.iter().map(|(index, entries)| (index.as_str(), &entries[..])).collect();
@@ -408,24 +517,49 @@ impl CacheStore {
     }
 
     /// Runs tag_index.lua for `(index, entries with their ttl)`, one call
-    /// per hash slot, sent together; the earliest Redis time the calls
-    /// counted the scores from (an entry that expires at that time plus its
-    /// ttl expires no later than any index member for it).
+    /// per hash slot and run of at most [`SCRIPT_STEPS`] members (an index of
+    /// more entries is split over calls), a few at a time; the earliest Redis
+    /// time the calls counted the scores from (an entry that expires at that
+    /// time plus its ttl expires no later than any index member for it).
     async fn record(&self, indexes: Vec<(&str, &[(&str, Duration)])>) -> Result<u64> {
-        let groups = self.redis.slot_groups(indexes.iter().map(|(index, _)| *index));
-        let indexes = &indexes;
-        let calls = groups.iter().map(|group| async move {
+        let mut runs: Vec<Vec<(&str, &[(&str, Duration)])>> = Vec::new();
+        for group in self.redis.slot_groups(indexes.iter().map(|(index, _)| *index)) {
+            let (mut run, mut steps) = (Vec::new(), 0);
+            for i in group {
+                let (index, mut entries) = indexes[i];
+                loop {
+                    let room = SCRIPT_STEPS.saturating_sub(steps + INDEX_STEPS);
+                    if room == 0 && !run.is_empty() {
+                        runs.push(std::mem::take(&mut run));
+                        steps = 0;
+                        continue;
+                    }
+                    let (now, rest) = entries.split_at(entries.len().min(room.max(1)));
+                    run.push((index, now));
+                    steps += INDEX_STEPS + now.len();
+                    entries = rest;
+                    if entries.is_empty() {
+                        break;
+                    }
+                    runs.push(std::mem::take(&mut run));
+                    steps = 0;
+                }
+            }
+            if !run.is_empty() {
+                runs.push(run);
+            }
+        }
+        let calls = runs.iter().map(|run| async move {
             let mut call = self.scripts.tag_index.prepare_invoke();
-            for &i in group {
-                let (index, entries) = indexes[i];
-                call.key(index).arg(entries.len());
-                for (entry, ttl) in entries {
+            for (index, entries) in run {
+                call.key(*index).arg(entries.len());
+                for (entry, ttl) in *entries {
                     call.arg(*entry).arg(millis(*ttl));
                 }
             }
             self.redis.invoke::<u64>(&call).await
         });
-        let times = futures::future::try_join_all(calls).await?;
+        let times = at_most_a_few(calls.collect()).await?;
         times.into_iter().min().ok_or_else(|| Error::Internal("no tag index recorded".into()))
     }
 
@@ -435,6 +569,28 @@ impl CacheStore {
             call.arg(space.cache_tag(tag));
         }
     }
+}
+
+/// Splits `items` (indexes, in order) into runs within
+/// [`SCRIPT_VALUE_BYTES`] and [`SCRIPT_STEPS`] by `cost` (bytes, steps) of
+/// each; an item over them goes alone.
+fn bounded_runs(items: &[usize], cost: impl Fn(usize) -> (usize, usize)) -> Vec<Vec<usize>> {
+    let (mut runs, mut run) = (Vec::new(), Vec::new());
+    let (mut bytes, mut steps) = (0, 0);
+    for &i in items {
+        let (b, s) = cost(i);
+        if !run.is_empty() && (bytes + b > SCRIPT_VALUE_BYTES || steps + s > SCRIPT_STEPS) {
+            runs.push(std::mem::take(&mut run));
+            (bytes, steps) = (0, 0);
+        }
+        run.push(i);
+        bytes += b;
+        steps += s;
+    }
+    if !run.is_empty() {
+        runs.push(run);
+    }
+    runs
 }
 
 /// Hands back the lease a cancelled Fetch attempt may have taken. Harmless
@@ -482,8 +638,9 @@ fn expiry_args(call: &mut redis::ScriptInvocation<'_>, write: &Write<'_>, record
     };
 }
 
-/// The entries of one get.lua reply (value and PTTL per key).
-fn parse_entries(reply: Vec<Value>, keys: usize) -> Result<Vec<Entry>> {
+/// The entries of one get.lua reply (value and PTTL per key); `None` for
+/// a key left for another call.
+fn parse_entries(reply: Vec<Value>, keys: usize) -> Result<Vec<Option<Entry>>> {
     if reply.len() != 2 * keys {
         return Err(Error::Internal(format!("get returned {} items for {keys} keys", reply.len())));
     }
@@ -492,8 +649,10 @@ fn parse_entries(reply: Vec<Value>, keys: usize) -> Result<Vec<Entry>> {
     while let (Some(value), Some(pttl)) = (items.next(), items.next()) {
         entries.push(match (value, pttl) {
             // PTTL -2: no such key.
-            (_, Value::Int(-2)) => entry(None, -2),
-            (Value::BulkString(value), Value::Int(pttl)) => entry(Some(value), pttl),
+            (_, Value::Int(-2)) => Some(entry(None, -2)),
+            // Over the script's byte budget.
+            (_, Value::Int(-3)) => None,
+            (Value::BulkString(value), Value::Int(pttl)) => Some(entry(Some(value), pttl)),
             other => return Err(Error::Internal(format!("get returned {other:?}"))),
         });
     }

@@ -244,6 +244,13 @@ impl Redis {
         self.bounded(self.pick().conn(&self.shared.pool)).await
     }
 
+    /// Bounds `op` by one `--redis-timeout` in all: for a call that takes a
+    /// connection with [`Redis::connection`] and sends on it, each step
+    /// bounded on its own, so that together they cannot take two.
+    pub async fn within_timeout<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
+        self.bounded(op).await
+    }
+
     /// Runs a script on `conn` (from [`Redis::connection`]), bounded like
     /// [`Redis::invoke`].
     pub async fn invoke_on<T: FromRedisValue>(&self, conn: &mut Conn, script: &ScriptInvocation<'_>) -> Result<T> {

@@ -153,8 +153,20 @@ impl LockStore {
     }
 
     /// One run of the acquire script, guarded so that a dropped call releases
-    /// what it may have taken.
+    /// what it may have taken; within one Redis timeout in all (taking a
+    /// connection, the script, and any WAIT for replicas).
     async fn attempt(
+        self: &Arc<Self>,
+        key: &str,
+        fence: &str,
+        lease_id: &str,
+        owner: &str,
+        ttl: Duration,
+    ) -> Result<Attempt> {
+        self.redis.within_timeout(self.attempt_on_a_connection(key, fence, lease_id, owner, ttl)).await
+    }
+
+    async fn attempt_on_a_connection(
         self: &Arc<Self>,
         key: &str,
         fence: &str,

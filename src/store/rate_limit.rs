@@ -16,6 +16,11 @@ use crate::{
     keys::Keys,
 };
 
+/// State keys one reset script clears: 100 caller keys' three states, a
+/// multiple of 3 so a key's states (adjacent in a slot's group) stay in one
+/// script.
+const RESETS_PER_SCRIPT: usize = 300;
+
 /// How a limit counts (see `rate_limit_check.lua` for the state each keeps).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algorithm {
@@ -209,7 +214,8 @@ impl RateLimitStore {
 
     /// Clears every algorithm's state of each key; returns how many keys had
     /// any (a repeated key counts once). One script call per hash slot of
-    /// the state keys, sent together.
+    /// the state keys and run of at most 100 caller keys, sent together;
+    /// each call is atomic on its own.
     pub async fn reset(&self, space: &Keys, keys: &[String]) -> Result<u32> {
         let mut unique: Vec<&String> = keys.iter().collect();
         unique.sort_unstable();
@@ -218,7 +224,12 @@ impl RateLimitStore {
             .iter()
             .flat_map(|key| [space.rate_limit_fixed(key), space.rate_limit_sliding(key), space.rate_limit_bucket(key)])
             .collect();
-        let groups = self.redis.slot_groups(states.iter().map(String::as_str));
+        let groups: Vec<Vec<usize>> = self
+            .redis
+            .slot_groups(states.iter().map(String::as_str))
+            .iter()
+            .flat_map(|group| group.chunks(RESETS_PER_SCRIPT).map(<[usize]>::to_vec))
+            .collect();
         let states = &states;
         let calls = groups.iter().map(|group| async move {
             let mut call = self.reset.prepare_invoke();

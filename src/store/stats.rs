@@ -18,6 +18,13 @@ macro_rules! clock_script {
     };
 }
 
+/// Most days one PFCOUNT or PFMERGE takes (each dense day costs Redis about
+/// 40 µs).
+pub const UNIQUE_DAYS_PER_COMMAND: usize = 64;
+
+/// Lifetime of CountUnique's scratch key, should it not be deleted.
+const SCRATCH_TTL_MS: u64 = 60_000;
+
 /// How long buckets are kept after they end, per granularity.
 #[derive(Clone, Copy, Debug)]
 pub struct Retention {
@@ -190,13 +197,31 @@ impl StatsStore {
     }
 
     /// The estimated distinct members of `name` over the days starting at
-    /// `day_starts` (the union of their HyperLogLogs), in one PFCOUNT.
+    /// `day_starts` (the union of their HyperLogLogs): one PFCOUNT of up to
+    /// [`UNIQUE_DAYS_PER_COMMAND`] days. More days are merged that many at a
+    /// time (PFMERGE, about 40 µs of Redis time per dense day) into a scratch
+    /// key of this call, counted, then deleted; the scratch key expires
+    /// within a minute should the call be cut short. Each step is atomic,
+    /// the whole count is not: a member added to today's set meanwhile may
+    /// or may not be counted.
     pub async fn count_unique(&self, space: &Keys, name: &str, day_starts: &[i64]) -> Result<u64> {
         if day_starts.is_empty() {
             return Ok(0);
         }
         let keys: Vec<String> = day_starts.iter().map(|start| space.stats_unique_day(name, *start)).collect();
-        self.redis.query(redis::cmd("PFCOUNT").arg(keys)).await
+        if keys.len() <= UNIQUE_DAYS_PER_COMMAND {
+            return self.redis.query(redis::cmd("PFCOUNT").arg(keys)).await;
+        }
+        let scratch = space.stats_unique_merge(name, &super::random_token());
+        for (n, days) in keys.chunks(UNIQUE_DAYS_PER_COMMAND).enumerate() {
+            let () = self.redis.query(redis::cmd("PFMERGE").arg(&scratch).arg(days)).await?;
+            if n == 0 {
+                let _: i64 = self.redis.query(redis::cmd("PEXPIRE").arg(&scratch).arg(SCRATCH_TTL_MS)).await?;
+            }
+        }
+        let count = self.redis.query(redis::cmd("PFCOUNT").arg(&scratch)).await;
+        let _: i64 = self.redis.query(redis::cmd("DEL").arg(&scratch)).await?;
+        count
     }
 
     /// The clock table around the service's now (stats_lib.lua).

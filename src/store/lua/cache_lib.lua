@@ -25,12 +25,18 @@ local function void_lease(e, channel)
   end
 end
 
+-- Drops entry `e`'s tag list. UNLINK: a list of many tags is freed by a
+-- background thread, not inside this script.
+local function unlink_tags(e)
+  redis.call('UNLINK', e .. ':tags')
+end
+
 -- Writes entry `e` to expire as `mode` ('PX': in `ms`; 'PXAT': at Unix ms
 -- `ms`, the instant its tag indexes were given) with the names of its tag
 -- indexes (replacing any it had), then voids its fill lease.
 local function write_entry(e, value, mode, ms, tags, channel)
   redis.call('SET', e, value, mode, ms)
-  redis.call('DEL', e .. ':tags')
+  unlink_tags(e)
   if #tags > 0 then
     redis.call('SADD', e .. ':tags', unpack(tags))
     redis.call('PEXPIREAT', e .. ':tags', redis.call('PEXPIRETIME', e))
@@ -40,7 +46,7 @@ end
 
 -- Deletes entry `e` with its tags and lease; returns 1 if it existed.
 local function delete_entry(e, channel)
-  redis.call('DEL', e .. ':tags')
+  unlink_tags(e)
   void_lease(e, channel)
   return redis.call('DEL', e)
 end

@@ -228,7 +228,8 @@ export const SetResponseSchema: GenMessage<SetResponse> = /*@__PURE__*/
   messageDesc(file_cachecoord_v1_cache, 6);
 
 /**
- * SetManyRequest writes up to 1,000 entries (by default).
+ * SetManyRequest writes up to 1,000 entries (by default), in bounded Redis
+ * scripts (see SetMany).
  *
  * @generated from message cachecoord.v1.SetManyRequest
  */
@@ -313,7 +314,8 @@ export const SetManyResponseSchema: GenMessage<SetManyResponse> = /*@__PURE__*/
   messageDesc(file_cachecoord_v1_cache, 9);
 
 /**
- * DeleteRequest names up to 1,000 keys (by default).
+ * DeleteRequest names up to 1,000 keys (by default), deleted up to 200 per
+ * Redis script, each atomic on its own.
  *
  * @generated from message cachecoord.v1.DeleteRequest
  */
@@ -790,6 +792,11 @@ export const FetchOutcomeSchema: GenEnum<FetchOutcome> = /*@__PURE__*/
  * value at most 1 MiB, a batch (keys, items, tags) at most 1,000 entries, a
  * TTL positive and at most 30 days. A request that breaks one fails with
  * INVALID_ARGUMENT naming the field and the rule, and nothing is written.
+ * Redis serves every client from one thread, so the service splits large
+ * requests into Redis scripts of bounded work (at most 512 KiB of values, or
+ * a single value, and about 1,000 entries, tags or index members each; every
+ * script atomic on its own), each well under 5 ms of Redis time; what a
+ * split request guarantees is said per RPC.
  * Redis unreachable or slower than the configured timeout: UNAVAILABLE, safe
  * to retry. A miss is never an error: it is `found: false`.
  *
@@ -807,7 +814,10 @@ export const CacheService: GenService<{
     output: typeof GetResponseSchema;
   },
   /**
-   * GetMany reads many entries in one Redis round trip, in request order.
+   * GetMany reads many entries, in request order. Each entry's value and TTL
+   * are read together. Values are read at most 512 KiB (or one value) per
+   * Redis script: a request for more is read in several steps, so the
+   * entries of different keys are then not one snapshot.
    *
    * @generated from rpc cachecoord.v1.CacheService.GetMany
    */
@@ -829,8 +839,10 @@ export const CacheService: GenService<{
     output: typeof SetResponseSchema;
   },
   /**
-   * SetMany writes many entries unconditionally in one Redis round trip.
-   * All items are validated first; an invalid item rejects the whole batch.
+   * SetMany writes many entries unconditionally, in Redis scripts of at
+   * most 512 KiB of values (or one value) and 1,000 entries and tags each,
+   * a few at a time. Each entry is written atomically, with its tags. All
+   * items are validated first; an invalid item rejects the whole batch.
    *
    * @generated from rpc cachecoord.v1.CacheService.SetMany
    */
@@ -902,7 +914,12 @@ export const CacheService: GenService<{
     output: typeof AbandonFillResponseSchema;
   },
   /**
-   * InvalidateTags deletes every entry carrying any of the tags.
+   * InvalidateTags deletes every entry carrying any of the tags. It works in
+   * bounded steps (a page of about 200 of a tag's entries at a time), so it
+   * is not one atomic step; the guarantee: no entry written before the call
+   * began is readable after it returns OK. Entries written while it runs may
+   * or may not survive. On an error some entries may already be deleted; a
+   * retry completes the invalidation.
    *
    * @generated from rpc cachecoord.v1.CacheService.InvalidateTags
    */

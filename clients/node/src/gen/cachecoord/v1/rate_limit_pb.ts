@@ -75,7 +75,7 @@ export const LimitSchema: GenMessage<Limit> = /*@__PURE__*/
  */
 export type CheckRequest = Message<"cachecoord.v1.CheckRequest"> & {
   /**
-   * The limits to check together. 1..1,000 limits, with distinct keys.
+   * The limits to check together. 1..200 limits (by default), with distinct keys.
    *
    * @generated from field: repeated cachecoord.v1.Limit limits = 1;
    */
@@ -317,8 +317,10 @@ export const AlgorithmSchema: GenEnum<Algorithm> = /*@__PURE__*/
  * ResetLimits for the key, or the first decisions may count earlier traffic wrongly.
  * Changing `limit` or `burst` applies at once.
  *
- * Limits (each configurable; defaults shown): keys are 1..512 bytes; a request holds at
- * most 1,000 limits or keys; a period is at most 30 days.
+ * Limits (each configurable; defaults shown): keys are 1..512 bytes; a Check holds at most
+ * 200 limits (it is one script, and Redis serves no one else while it runs: about 13 µs
+ * per limit); a ResetLimits at most 1,000 keys (cleared up to 100 keys per script, each
+ * key's three states together); a period is at most 30 days.
  *
  * Errors, for every RPC:
  * INVALID_ARGUMENT: the request breaks a rule; the message names the field and the rule.

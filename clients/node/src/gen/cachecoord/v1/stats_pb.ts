@@ -51,7 +51,8 @@ export const DeltaSchema: GenMessage<Delta> = /*@__PURE__*/
  */
 export type IncrementRequest = Message<"cachecoord.v1.IncrementRequest"> & {
   /**
-   * The changes to apply, in order. 1..1,000 deltas; a name may appear more than once.
+   * The changes to apply, in order. 1..100 deltas (by default); a name may appear more
+   * than once.
    *
    * @generated from field: repeated cachecoord.v1.Delta deltas = 1;
    */
@@ -397,7 +398,9 @@ export type CountUniqueRequest = Message<"cachecoord.v1.CountUniqueRequest"> & {
 
   /**
    * An instant in the last day to count. Required; not before `start`. The range may
-   * cover at most 1,000 days.
+   * cover at most 1,000 days. Up to 64 days are counted in one step; more are merged 64
+   * at a time into a scratch key first, so a member added to today's set meanwhile may or
+   * may not be counted.
    *
    * @generated from field: google.protobuf.Timestamp end = 3;
    */
@@ -487,8 +490,10 @@ export const GranularitySchema: GenEnum<Granularity> = /*@__PURE__*/
  * zero. All-time totals do not expire.
  *
  * Limits (each configurable; defaults shown): names, groups and members are 1..512 bytes;
- * a batch holds at most 1,000 items; a series or a unique count spans at most 1,000
- * buckets or days; an activity window is at most 24 hours.
+ * a batch holds at most 1,000 items, but an Increment at most 100 deltas (it is one script,
+ * and Redis serves no one else while it runs: about 30 µs per delta); a series or a
+ * unique count spans at most 1,000 buckets or days; an activity window is at most 24
+ * hours.
  *
  * Errors, for every RPC:
  * INVALID_ARGUMENT: the request breaks a rule; the message names the field and the rule.

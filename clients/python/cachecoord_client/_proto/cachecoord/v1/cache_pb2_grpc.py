@@ -35,6 +35,11 @@ class CacheServiceStub(object):
     value at most 1 MiB, a batch (keys, items, tags) at most 1,000 entries, a
     TTL positive and at most 30 days. A request that breaks one fails with
     INVALID_ARGUMENT naming the field and the rule, and nothing is written.
+    Redis serves every client from one thread, so the service splits large
+    requests into Redis scripts of bounded work (at most 512 KiB of values, or
+    a single value, and about 1,000 entries, tags or index members each; every
+    script atomic on its own), each well under 5 ms of Redis time; what a
+    split request guarantees is said per RPC.
     Redis unreachable or slower than the configured timeout: UNAVAILABLE, safe
     to retry. A miss is never an error: it is `found: false`.
     """
@@ -112,6 +117,11 @@ class CacheServiceServicer(object):
     value at most 1 MiB, a batch (keys, items, tags) at most 1,000 entries, a
     TTL positive and at most 30 days. A request that breaks one fails with
     INVALID_ARGUMENT naming the field and the rule, and nothing is written.
+    Redis serves every client from one thread, so the service splits large
+    requests into Redis scripts of bounded work (at most 512 KiB of values, or
+    a single value, and about 1,000 entries, tags or index members each; every
+    script atomic on its own), each well under 5 ms of Redis time; what a
+    split request guarantees is said per RPC.
     Redis unreachable or slower than the configured timeout: UNAVAILABLE, safe
     to retry. A miss is never an error: it is `found: false`.
     """
@@ -124,7 +134,10 @@ class CacheServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def GetMany(self, request, context):
-        """GetMany reads many entries in one Redis round trip, in request order.
+        """GetMany reads many entries, in request order. Each entry's value and TTL
+        are read together. Values are read at most 512 KiB (or one value) per
+        Redis script: a request for more is read in several steps, so the
+        entries of different keys are then not one snapshot.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,8 +153,10 @@ class CacheServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def SetMany(self, request, context):
-        """SetMany writes many entries unconditionally in one Redis round trip.
-        All items are validated first; an invalid item rejects the whole batch.
+        """SetMany writes many entries unconditionally, in Redis scripts of at
+        most 512 KiB of values (or one value) and 1,000 entries and tags each,
+        a few at a time. Each entry is written atomically, with its tags. All
+        items are validated first; an invalid item rejects the whole batch.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -195,7 +210,12 @@ class CacheServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def InvalidateTags(self, request, context):
-        """InvalidateTags deletes every entry carrying any of the tags.
+        """InvalidateTags deletes every entry carrying any of the tags. It works in
+        bounded steps (a page of about 200 of a tag's entries at a time), so it
+        is not one atomic step; the guarantee: no entry written before the call
+        began is readable after it returns OK. Entries written while it runs may
+        or may not survive. On an error some entries may already be deleted; a
+        retry completes the invalidation.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -306,6 +326,11 @@ class CacheService(object):
     value at most 1 MiB, a batch (keys, items, tags) at most 1,000 entries, a
     TTL positive and at most 30 days. A request that breaks one fails with
     INVALID_ARGUMENT naming the field and the rule, and nothing is written.
+    Redis serves every client from one thread, so the service splits large
+    requests into Redis scripts of bounded work (at most 512 KiB of values, or
+    a single value, and about 1,000 entries, tags or index members each; every
+    script atomic on its own), each well under 5 ms of Redis time; what a
+    split request guarantees is said per RPC.
     Redis unreachable or slower than the configured timeout: UNAVAILABLE, safe
     to retry. A miss is never an error: it is `found: false`.
     """

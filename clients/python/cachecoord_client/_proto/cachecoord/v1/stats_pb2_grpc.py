@@ -36,8 +36,10 @@ class StatsServiceStub(object):
     zero. All-time totals do not expire.
 
     Limits (each configurable; defaults shown): names, groups and members are 1..512 bytes;
-    a batch holds at most 1,000 items; a series or a unique count spans at most 1,000
-    buckets or days; an activity window is at most 24 hours.
+    a batch holds at most 1,000 items, but an Increment at most 100 deltas (it is one script,
+    and Redis serves no one else while it runs: about 30 µs per delta); a series or a
+    unique count spans at most 1,000 buckets or days; an activity window is at most 24
+    hours.
 
     Errors, for every RPC:
     INVALID_ARGUMENT: the request breaks a rule; the message names the field and the rule.
@@ -100,8 +102,10 @@ class StatsServiceServicer(object):
     zero. All-time totals do not expire.
 
     Limits (each configurable; defaults shown): names, groups and members are 1..512 bytes;
-    a batch holds at most 1,000 items; a series or a unique count spans at most 1,000
-    buckets or days; an activity window is at most 24 hours.
+    a batch holds at most 1,000 items, but an Increment at most 100 deltas (it is one script,
+    and Redis serves no one else while it runs: about 30 µs per delta); a series or a
+    unique count spans at most 1,000 buckets or days; an activity window is at most 24
+    hours.
 
     Errors, for every RPC:
     INVALID_ARGUMENT: the request breaks a rule; the message names the field and the rule.
@@ -220,8 +224,10 @@ class StatsService(object):
     zero. All-time totals do not expire.
 
     Limits (each configurable; defaults shown): names, groups and members are 1..512 bytes;
-    a batch holds at most 1,000 items; a series or a unique count spans at most 1,000
-    buckets or days; an activity window is at most 24 hours.
+    a batch holds at most 1,000 items, but an Increment at most 100 deltas (it is one script,
+    and Redis serves no one else while it runs: about 30 µs per delta); a series or a
+    unique count spans at most 1,000 buckets or days; an activity window is at most 24
+    hours.
 
     Errors, for every RPC:
     INVALID_ARGUMENT: the request breaks a rule; the message names the field and the rule.
