@@ -186,6 +186,10 @@ pub struct Config {
     /// Log line format.
     #[arg(long, env = "CACHECOORD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+
+    /// TLS on the gRPC port (--tls-*).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsConfig,
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -255,6 +259,7 @@ impl Config {
             self.stats_active_window_max >= Duration::from_millis(1),
             "--stats-active-window-max must be at least 1ms",
         );
+        bad.extend(self.tls.problems());
         if bad.is_empty() { Ok(()) } else { Err(bad.join("; ")) }
     }
 

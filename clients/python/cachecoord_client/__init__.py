@@ -23,6 +23,7 @@ from .locks import Lease, LockInfo
 from .rate_limit import Limit, LimitStatus, RateLimitResult
 from .sessions import Session
 from .stats import Series
+from .tls import TLS
 
 __all__ = [
     "AsyncClient",
@@ -45,6 +46,7 @@ __all__ = [
     "Series",
     "Serializer",
     "Session",
+    "TLS",
     "Unavailable",
     "Unimplemented",
 ]

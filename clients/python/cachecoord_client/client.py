@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -19,6 +19,7 @@ from .locks import AsyncLocks, Locks
 from .rate_limit import AsyncRateLimits, RateLimits
 from .sessions import AsyncSessions, Sessions
 from .stats import AsyncStats, Stats
+from .tls import TLS, channel_security
 
 Options = Sequence[Tuple[str, Any]]
 
@@ -36,8 +37,10 @@ def _stubs(channel: Any) -> Dict[str, Any]:
 class Client:
     """A blocking client for cachecoord, safe to share between threads.
 
-    ``Client("localhost:50051")`` opens a plaintext channel; pass ``credentials`` for TLS
-    or ``channel`` to bring your own. ``timeout`` is the default deadline of every call in
+    ``Client("localhost:50051")`` opens a plaintext channel; ``tls=True`` speaks TLS
+    trusting the system's roots, ``tls=TLS(ca=..., cert=..., key=...)`` with a CA and
+    client certificate of your own (or pass grpc ``credentials``, or a ``channel`` of
+    your own). ``timeout`` is the default deadline of every call in
     seconds (calls that wait server-side get that wait on top); ``retries`` is how often
     idempotent calls are retried after UNAVAILABLE. Use as a context manager or ``close()``.
     """
@@ -48,15 +51,17 @@ class Client:
         *,
         timeout: float = 5.0,
         retries: int = 2,
+        tls: Union[bool, TLS, None] = None,
         credentials: Optional[grpc.ChannelCredentials] = None,
         options: Optional[Options] = None,
         channel: Optional[grpc.Channel] = None,
     ) -> None:
         if channel is None:
+            credentials, opts = channel_security(tls, credentials, options)
             channel = (
-                grpc.secure_channel(target, credentials, options)
+                grpc.secure_channel(target, credentials, opts)
                 if credentials is not None
-                else grpc.insecure_channel(target, options)
+                else grpc.insecure_channel(target, opts)
             )
         self._channel = channel
         runner = SyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries))
@@ -85,7 +90,7 @@ class Client:
 class AsyncClient:
     """The asyncio client (grpc.aio); the same facades with awaitable methods.
 
-    Create it inside the running event loop; ``async with AsyncClient(...) as client:``
+    ``tls`` as for ``Client``. Create it inside the running event loop; ``async with AsyncClient(...) as client:``
     or ``await client.close()``.
     """
 
@@ -95,15 +100,17 @@ class AsyncClient:
         *,
         timeout: float = 5.0,
         retries: int = 2,
+        tls: Union[bool, TLS, None] = None,
         credentials: Optional[grpc.ChannelCredentials] = None,
         options: Optional[Options] = None,
         channel: Optional[grpc.aio.Channel] = None,
     ) -> None:
         if channel is None:
+            credentials, opts = channel_security(tls, credentials, options)
             channel = (
-                grpc.aio.secure_channel(target, credentials, options)
+                grpc.aio.secure_channel(target, credentials, opts)
                 if credentials is not None
-                else grpc.aio.insecure_channel(target, options)
+                else grpc.aio.insecure_channel(target, opts)
             )
         self._channel = channel
         runner = AsyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries))
