@@ -282,12 +282,10 @@ async fn keep_current(
     loop {
         let forced = tokio::select! {
             () = next_hangup(&mut hangup) => true,
-            () = tokio::time::sleep(if poll.is_zero() { Duration::from_secs(1) } else { poll }) => false,
+            () = tokio::time::sleep(poll), if !poll.is_zero() => false,
         };
+        // The server is gone.
         let Some(current) = current.upgrade() else { return };
-        if !forced && poll.is_zero() {
-            continue;
-        }
         let result = files.read().and_then(|contents| {
             if !forced && contents == last {
                 return Ok(None);

@@ -344,18 +344,19 @@ async fn the_healthcheck_binary_speaks_tls() {
     let server = start(&redis, &flags).await;
     wait_serving(&server, &ca.pem, None).await;
 
-    let run = |args: Vec<String>, envs: Vec<(&'static str, String)>| {
+    // Off the runtime's thread: the server under test runs on it.
+    let run = async |args: Vec<String>, envs: Vec<(&'static str, String)>| {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_cachecoord-healthcheck"));
         command.args(args).env_remove("CACHECOORD_TLS_CERT").env_remove("CACHECOORD_LISTEN");
         for (name, value) in envs {
             command.env(name, value);
         }
-        command.output().expect("run healthcheck")
+        tokio::task::spawn_blocking(move || command.output()).await.expect("join").expect("run healthcheck")
     };
     let path = |name: &str| files.path(name).display().to_string();
     let https = format!("https://localhost:{}", server.addr.port());
 
-    let with_ca = run(vec![https.clone(), "--tls-ca".into(), path("ca.pem")], vec![]);
+    let with_ca = run(vec![https.clone(), "--tls-ca".into(), path("ca.pem")], vec![]).await;
     assert!(with_ca.status.success(), "{}", String::from_utf8_lossy(&with_ca.stderr));
 
     // In a container: the server's own variables, no flags at all.
@@ -365,7 +366,7 @@ async fn the_healthcheck_binary_speaks_tls() {
             ("CACHECOORD_LISTEN", format!("0.0.0.0:{}", server.addr.port())),
             ("CACHECOORD_TLS_CERT", path("server.pem")),
         ],
-    );
+    ).await;
     assert!(pinned.status.success(), "{}", String::from_utf8_lossy(&pinned.stderr));
 
     let with_client_cert = run(
@@ -375,14 +376,14 @@ async fn the_healthcheck_binary_speaks_tls() {
             ("CACHECOORD_HEALTHCHECK_TLS_CERT", path("client.pem")),
             ("CACHECOORD_HEALTHCHECK_TLS_KEY", path("client.key")),
         ],
-    );
+    ).await;
     assert!(with_client_cert.status.success(), "{}", String::from_utf8_lossy(&with_client_cert.stderr));
 
-    let wrong_ca = run(vec![https.clone(), "--tls-ca".into(), path("other-ca.pem")], vec![]);
+    let wrong_ca = run(vec![https.clone(), "--tls-ca".into(), path("other-ca.pem")], vec![]).await;
     assert!(!wrong_ca.status.success());
     let stderr = String::from_utf8_lossy(&wrong_ca.stderr);
     assert!(stderr.contains("UnknownIssuer") || stderr.contains("invalid peer certificate"), "{stderr}");
 
-    let plaintext = run(vec![format!("http://127.0.0.1:{}", server.addr.port())], vec![]);
+    let plaintext = run(vec![format!("http://127.0.0.1:{}", server.addr.port())], vec![]).await;
     assert!(!plaintext.status.success());
 }

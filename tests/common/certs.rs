@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     date_time_ymd,
 };
 
@@ -53,8 +53,12 @@ impl Ca {
         let key = KeyPair::generate().expect("key");
         let mut params =
             CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).expect("params");
-        params.distinguished_name.push(DnType::CommonName, name);
+        // Most significant first, as in most certificates: RFC 4514 prints
+        // it the other way round (CN=name,O=cachecoord tests). (rcgen starts
+        // with a CN of its own.)
+        params.distinguished_name = DistinguishedName::new();
         params.distinguished_name.push(DnType::OrganizationName, "cachecoord tests");
+        params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![match usage {
             Use::Server => ExtendedKeyUsagePurpose::ServerAuth,
             Use::Client => ExtendedKeyUsagePurpose::ClientAuth,
