@@ -190,7 +190,11 @@ struct Contents {
 
 impl Files {
     fn paths(config: &TlsConfig) -> Option<Self> {
-        Some(Self { cert: config.tls_cert.clone()?, key: config.tls_key.clone()?, client_ca: config.tls_client_ca.clone() })
+        Some(Self {
+            cert: config.tls_cert.clone()?,
+            key: config.tls_key.clone()?,
+            client_ca: config.tls_client_ca.clone(),
+        })
     }
 
     fn read(&self) -> Result<Contents, String> {
@@ -503,7 +507,46 @@ mod der {
 
 #[cfg(test)]
 mod tests {
-    use super::der;
+    use rustls::pki_types::pem::PemObject;
+
+    use super::{ClientAuth, Contents, build, der, describe};
+
+    fn self_signed(name: &str) -> (Vec<u8>, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).expect("params");
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        params.not_after = rcgen::date_time_ymd(2049, 12, 31);
+        let cert = params.self_signed(&key).expect("certificate");
+        (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+    }
+
+    #[test]
+    fn a_matching_pair_loads_and_anything_else_says_which_file() {
+        let (cert, key) = self_signed("a");
+        let (other_cert, other_key) = self_signed("b");
+        let load = |cert: &[u8], key: &[u8], client_ca: Option<&[u8]>| {
+            let contents =
+                Contents { cert: cert.to_vec(), key: key.to_vec(), client_ca: client_ca.map(<[u8]>::to_vec) };
+            build(ClientAuth::Required, &contents)
+        };
+        let config = load(&cert, &key, Some(&other_cert)).expect("loads");
+        assert_eq!(config.alpn_protocols, vec![b"h2".to_vec()]);
+        let err = load(&cert, &other_key, None).expect_err("key of another certificate");
+        assert!(err.starts_with("--tls-cert/--tls-key"), "{err}");
+        assert!(load(b"garbage", &key, None).expect_err("no PEM").starts_with("--tls-cert"));
+        assert!(load(&cert, b"garbage", None).expect_err("no key").starts_with("--tls-key"));
+        assert!(load(&cert, &key, Some(b"garbage")).expect_err("no CA").starts_with("--tls-client-ca"));
+    }
+
+    #[test]
+    fn subject_and_expiry_are_read() {
+        let (cert, _) = self_signed("svc, one");
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(&cert).expect("PEM");
+        let summary = describe(&der).expect("X.509");
+        assert_eq!(summary.subject, "CN=svc\\, one");
+        assert_eq!(summary.not_after.expect("notAfter").to_string(), "2049-12-31T00:00:00Z");
+    }
 
     #[test]
     fn times_parse_in_both_encodings() {

@@ -34,9 +34,10 @@ fn tls_flags(files: &Files, extra: &[&str]) -> Vec<String> {
         files.path("server.pem").display().to_string(),
         "--tls-key".to_string(),
         files.path("server.key").display().to_string(),
-        "--tls-reload-poll".to_string(),
-        "50ms".to_string(),
     ];
+    if !extra.contains(&"--tls-reload-poll") {
+        flags.extend(["--tls-reload-poll".to_string(), "50ms".to_string()]);
+    }
     flags.extend(extra.iter().map(|s| s.to_string()));
     flags
 }
@@ -325,6 +326,41 @@ async fn redis_over_tls_with_the_wrong_ca_is_unavailable() {
     let status = server.cache().get(GetRequest { key: "k".into() }).await.expect_err("served without Redis");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert_eq!(server.health_status("").await, ServingStatus::NotServing);
+    // What the health probe logs when it turns NOT_SERVING: the reason.
+    let args = [&["cachecoord"][..], &flags].concat();
+    let config = <cachecoord::config::Config as clap::Parser>::try_parse_from(args).expect("flags");
+    let reason = cachecoord::store::Redis::new(&config).expect("redis").ping(Duration::from_secs(2)).await;
+    let reason = reason.expect_err("PING answered through the wrong CA");
+    assert!(reason.contains("UnknownIssuer"), "{reason}");
+}
+
+/// SIGHUP reloads at once, with polling off.
+#[tokio::test]
+async fn sighup_reloads_the_certificates() {
+    let redis = RedisServer::start().await;
+    let old_ca = Ca::new("old CA");
+    let files = server_files(&old_ca);
+    let flags = tls_flags(&files, &["--tls-reload-poll", "0s"]);
+    let server = start(&redis, &flags).await;
+    wait_serving(&server, &old_ca.pem, None).await;
+
+    let new_ca = Ca::new("new CA");
+    files.write_leaf("server", &new_ca.leaf("cachecoord-server-2", Use::Server));
+    // Polling is off: only a SIGHUP (to this process, where the server
+    // runs; its handler is installed) makes the new files count.
+    let reloaded = async {
+        loop {
+            let pid = std::process::id().to_string();
+            let sent =
+                tokio::task::spawn_blocking(move || std::process::Command::new("kill").args(["-HUP", &pid]).status());
+            assert!(sent.await.expect("join").expect("kill").success());
+            if try_health(&server, &new_ca.pem, None).await == Ok(ServingStatus::Serving) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), reloaded).await.expect("SIGHUP never reloaded");
 }
 
 /// `cachecoord-healthcheck` over TLS: with the CA, with the server's own
@@ -366,7 +402,8 @@ async fn the_healthcheck_binary_speaks_tls() {
             ("CACHECOORD_LISTEN", format!("0.0.0.0:{}", server.addr.port())),
             ("CACHECOORD_TLS_CERT", path("server.pem")),
         ],
-    ).await;
+    )
+    .await;
     assert!(pinned.status.success(), "{}", String::from_utf8_lossy(&pinned.stderr));
 
     let with_client_cert = run(
@@ -376,7 +413,8 @@ async fn the_healthcheck_binary_speaks_tls() {
             ("CACHECOORD_HEALTHCHECK_TLS_CERT", path("client.pem")),
             ("CACHECOORD_HEALTHCHECK_TLS_KEY", path("client.key")),
         ],
-    ).await;
+    )
+    .await;
     assert!(with_client_cert.status.success(), "{}", String::from_utf8_lossy(&with_client_cert.stderr));
 
     let wrong_ca = run(vec![https.clone(), "--tls-ca".into(), path("other-ca.pem")], vec![]).await;
