@@ -38,7 +38,7 @@ class Client:
     """A blocking client for cachecoord, safe to share between threads.
 
     ``Client("localhost:50051")`` opens a plaintext channel; ``tls=True`` speaks TLS
-    trusting the system's roots, ``tls=TLS(ca=..., cert=..., key=...)`` with a CA and
+    trusting gRPC's default roots, ``tls=TLS(ca=..., cert=..., key=...)`` with a CA and
     client certificate of your own (or pass grpc ``credentials``, or a ``channel`` of
     your own). ``timeout`` is the default deadline of every call in
     seconds (calls that wait server-side get that wait on top); ``retries`` is how often

@@ -23,7 +23,7 @@ def _pem(value: Optional[PEM]) -> Optional[bytes]:
 class TLS:
     """How to speak TLS to a cachecoord started with ``--tls-cert``/``--tls-key``.
 
-    ``ca``: the CA that signed the server's certificate (default: the system's roots).
+    ``ca``: the CA that signed the server's certificate (default: gRPC's default roots).
     ``cert``/``key``: a client certificate, for a server with ``--tls-client-ca``.
     ``server_name``: the name the server's certificate must carry, when it is not the
     host of the target (e.g. connecting to an IP address). Each PEM is a file path or

@@ -104,7 +104,7 @@ def test_plaintext_client_is_refused(tls_stack, ns):
 
 
 def test_tls_true_uses_the_system_roots(certs, ns):
-    # The test CA is not among the system's roots: the handshake must fail.
+    # The test CA is not among gRPC's default roots: the handshake must fail.
     redis = Redis()
     server = _tls_server(redis, certs)
     try:
