@@ -540,6 +540,20 @@ mod tests {
     }
 
     #[test]
+    fn flags_are_checked_with_the_rest() {
+        use clap::Parser;
+        let parse = |args: &[&str]| {
+            let args = std::iter::once("cachecoord").chain(args.iter().copied());
+            crate::config::Config::try_parse_from(args).expect("parses").validate()
+        };
+        assert_eq!(parse(&["--tls-cert", "c.pem", "--tls-key", "k.pem", "--tls-client-ca", "ca.pem"]), Ok(()));
+        let err = parse(&["--tls-cert", "c.pem", "--max-batch", "0"]).expect_err("no key");
+        assert!(err.contains("--tls-cert and --tls-key go together") && err.contains("--max-batch"), "{err}");
+        let err = parse(&["--tls-client-ca", "ca.pem"]).expect_err("no server certificate");
+        assert!(err.contains("--tls-client-ca needs --tls-cert"), "{err}");
+    }
+
+    #[test]
     fn subject_and_expiry_are_read() {
         let (cert, _) = self_signed("svc, one");
         let der = rustls::pki_types::CertificateDer::from_pem_slice(&cert).expect("PEM");
