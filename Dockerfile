@@ -28,8 +28,10 @@ WORKDIR /src
 #    compiled here). protoc comes from protoc-bin-vendored: nothing to install.
 COPY Cargo.toml Cargo.lock ./
 COPY bench/Cargo.toml ./bench/
-RUN mkdir -p src/bin bench/src \
+COPY torture/Cargo.toml ./torture/
+RUN mkdir -p src/bin bench/src torture/src \
     && echo 'fn main() {}' > bench/src/main.rs \
+    && echo 'fn main() {}' > torture/src/main.rs \
     && echo 'fn main() {}' > build.rs \
     && echo 'fn main() {}' > src/main.rs \
     && echo 'fn main() {}' > src/bin/healthcheck.rs \

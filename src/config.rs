@@ -154,6 +154,32 @@ pub struct Config {
     /// Longest CountActive window; members not seen for longer are trimmed.
     #[arg(long, env = "CACHECOORD_STATS_ACTIVE_WINDOW_MAX", default_value = "24h", value_parser = duration)]
     pub stats_active_window_max: Duration,
+    /// Longest a RevokeToken keeps a token revoked, from now: at least the
+    /// life of the longest-lived token you revoke (refresh tokens included).
+    #[arg(long, env = "CACHECOORD_MAX_REVOCATION_TTL", default_value = "366d", value_parser = duration)]
+    pub max_revocation_ttl: Duration,
+
+    /// API keys file (TOML; see README "Securing it"). Without one,
+    /// authentication is off: anyone who reaches --listen can call
+    /// everything (logged as a warning at start-up).
+    #[arg(long, env = "CACHECOORD_AUTH_KEYS_FILE")]
+    pub auth_keys_file: Option<PathBuf>,
+
+    /// How often --auth-keys-file is checked for changes (it is also re-read
+    /// on SIGHUP); 0s: only on SIGHUP.
+    #[arg(long, env = "CACHECOORD_AUTH_KEYS_POLL", default_value = "1s", value_parser = duration)]
+    pub auth_keys_poll: Duration,
+
+    /// With --auth-keys-file, require a key for grpc.health.v1.Health too
+    /// (by default health answers anyone, for orchestrators' probes).
+    #[arg(long, env = "CACHECOORD_AUTH_HEALTH_NEEDS_KEY", default_value_t = false)]
+    pub auth_health_needs_key: bool,
+
+    /// With --auth-keys-file, require a key for server reflection too (by
+    /// default it answers anyone: it tells only the public contract).
+    #[arg(long, env = "CACHECOORD_AUTH_REFLECTION_NEEDS_KEY", default_value_t = false)]
+    pub auth_reflection_needs_key: bool,
+
     /// When Redis is unavailable, let rate-limit checks pass (`allowed`,
     /// `unchecked`) instead of failing them with UNAVAILABLE.
     #[arg(long, env = "CACHECOORD_RATE_LIMIT_FAIL_OPEN", default_value_t = false)]
@@ -190,6 +216,38 @@ pub struct Config {
     /// TLS on the gRPC port (--tls-*).
     #[command(flatten)]
     pub tls: crate::tls::TlsConfig,
+
+    /// A task other than serving.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// Tasks other than serving.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum Command {
+    /// API keys for --auth-keys-file.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `cachecoord keys ...`
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum KeysCommand {
+    /// Makes a fresh API key: prints the key on stderr (give it to the
+    /// caller; it is shown only this once) and its entry for the keys file
+    /// on stdout (`cachecoord keys new ... >> keys.toml`).
+    New {
+        /// The key's id, named in logs: 1..64 of A-Z a-z 0-9 _ -.
+        #[arg(long)]
+        id: String,
+        /// The tenant whose key space the key's calls use.
+        #[arg(long)]
+        tenant: String,
+        /// What it may call: `*`, services (cachecoord.v1.CacheService) or
+        /// methods (cachecoord.v1.LockService/Acquire); comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "*")]
+        allow: Vec<String>,
+    },
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -226,6 +284,7 @@ impl Config {
         check(self.max_value_bytes > 0, "--max-value-bytes must be at least 1");
         check(self.max_batch > 0, "--max-batch must be at least 1");
         check(!self.max_ttl.is_zero(), "--max-ttl must be positive");
+        check(!self.max_revocation_ttl.is_zero(), "--max-revocation-ttl must be positive");
         check(
             !self.cache_default_ttl.is_zero() && self.cache_default_ttl <= self.max_ttl,
             "--cache-default-ttl must be positive and at most --max-ttl",

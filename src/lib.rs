@@ -19,6 +19,7 @@
 //! real server in-process on port 0.
 
 pub mod api;
+pub mod auth;
 pub mod calendar;
 pub mod codec;
 pub mod config;
@@ -27,6 +28,7 @@ pub mod error;
 pub mod health;
 pub mod keys;
 pub mod proto;
+pub mod reload;
 pub mod rls;
 pub mod server;
 pub mod store;

@@ -2,7 +2,11 @@
 
 use std::process::ExitCode;
 
-use cachecoord::{config::Config, server, telemetry};
+use cachecoord::{
+    auth::keyring,
+    config::{Command, Config, KeysCommand},
+    server, telemetry,
+};
 use clap::Parser;
 use tokio::net::TcpListener;
 
@@ -24,6 +28,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Keys(KeysCommand::New { id, tenant, allow })) = &config.command {
+        return new_key(id, tenant, allow);
+    }
     if let Err(reason) = config.validate() {
         eprintln!("cachecoord: invalid configuration: {reason}");
         return ExitCode::from(2);
@@ -44,6 +51,21 @@ async fn main() -> ExitCode {
     }
     tracing::info!("stopped");
     ExitCode::SUCCESS
+}
+
+/// `cachecoord keys new`: the key on stderr, its keys-file entry on stdout.
+fn new_key(id: &str, tenant: &str, allow: &[String]) -> ExitCode {
+    match keyring::entry(id, tenant, allow) {
+        Ok((key, entry)) => {
+            eprintln!("API key {id:?} (shown only now; give it to the caller):\n{key}");
+            print!("{entry}");
+            ExitCode::SUCCESS
+        }
+        Err(reason) => {
+            eprintln!("cachecoord: {reason}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 /// Resolves at the first SIGTERM or SIGINT.

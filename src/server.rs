@@ -14,6 +14,7 @@ use crate::{
         Limits, cache::CacheApi, envoy::EnvoyRateLimitApi, lock::LockApi, rate_limit::RateLimitApi,
         session::SessionApi, stats::StatsApi,
     },
+    auth::{self, AuthLayer},
     calendar::Calendar,
     config::Config,
     deadline::DeadlineLayer,
@@ -49,6 +50,20 @@ pub async fn run(
     let tls = crate::tls::TlsServer::start(&config.tls)?;
     let keys = Keys::new(&config.key_prefix);
     let limits = Limits::from_config(&config);
+    let auth = match &config.auth_keys_file {
+        Some(path) => AuthLayer::new(
+            auth::watch_keys(path.clone(), config.auth_keys_poll, limits)?,
+            config.auth_health_needs_key,
+            config.auth_reflection_needs_key,
+        ),
+        None => {
+            tracing::warn!(
+                listen = %config.listen,
+                "authentication is OFF (no --auth-keys-file): anyone who can reach the port can read and change everything"
+            );
+            AuthLayer::off()
+        }
+    };
 
     // Envoy's rate limit protocol, served only when configured (an Envoy
     // pointed at an unconfigured instance gets UNIMPLEMENTED, not OKs).
@@ -92,9 +107,9 @@ pub async fn run(
             keys.clone(),
             config.session_max_per_user,
             config.session_max_data_bytes,
-            config.max_ttl,
+            config.max_revocation_ttl,
         ),
-        limits.clone(),
+        limits,
         config.session_default_ttl.min(config.max_ttl),
         config.session_max_data_bytes,
     );
@@ -102,7 +117,7 @@ pub async fn run(
     // connections of their own.
     let lock_redis = if config.lock_replicas > 0 { Redis::new(&config)? } else { redis.clone() };
     let lock_store = LockStore::new(lock_redis, keys.clone(), config.lock_replicas);
-    let locks = LockApi::new(lock_store, limits.clone(), config.lock_default_ttl);
+    let locks = LockApi::new(lock_store, limits, config.lock_default_ttl);
     let cache = CacheApi::new(
         CacheStore::new(redis.clone(), keys.clone()),
         limits,
@@ -150,7 +165,7 @@ pub async fn run(
     let router = Server::builder()
         .layer(
             TraceLayer::new_for_grpc()
-                .make_span_with(|request: &http::Request<_>| tracing::info_span!("rpc", method = %request.uri().path()))
+                .make_span_with(|request: &http::Request<_>| tracing::info_span!("rpc", method = %request.uri().path(), key = tracing::field::Empty))
                 .on_request(())
                 .on_response(log_response)
                 .on_body_chunk(())
@@ -158,6 +173,7 @@ pub async fn run(
                 .on_failure(()),
         )
         .layer(DeadlineLayer)
+        .layer(auth)
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

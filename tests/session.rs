@@ -804,11 +804,17 @@ async fn limits_hold_at_and_past_the_boundary() {
     assert_invalid(client.revoke_token(no_expiry).await, "expires_at: is required");
     let bad_nanos = RevokeTokenRequest { token: "t".into(), expires_at: Some(Timestamp { seconds: 1, nanos: -1 }) };
     assert_invalid(client.revoke_token(bad_nanos).await, "expires_at");
-    let too_far = now_ms() + 30 * 86_400_000 + 60_000;
-    assert_invalid(client.revoke_token(revoke("t", too_far)).await, "expires_at: must be at most 30days from now");
+    // Revocations have their own bound (--max-revocation-ttl, 366 days), far
+    // past --max-ttl (30 days): a 90-day refresh token stays revoked for all
+    // of its life.
+    let day = 86_400_000;
+    assert!(client.revoke_token(revoke("refresh", now_ms() + 90 * day)).await.unwrap().into_inner().revoked);
+    assert_eq!(check(&mut client, &["refresh"]).await, vec![true]);
+    let too_far = now_ms() + 366 * day + 60_000;
+    assert_invalid(client.revoke_token(revoke("t", too_far)).await, "expires_at: must be at most 1year 18h from now");
+    assert!(client.revoke_token(revoke("t", now_ms() + 366 * day - 60_000)).await.is_ok());
     let huge = RevokeTokenRequest { token: "t".into(), expires_at: Some(Timestamp { seconds: i64::MAX, nanos: 0 }) };
     assert_invalid(client.revoke_token(huge).await, "expires_at");
-    assert!(client.revoke_token(revoke("t", now_ms() + 30 * 86_400_000 - 60_000)).await.is_ok());
 
     let tokens_1000: Vec<String> = (0..1000).map(|i| format!("t{i}")).collect();
     let mut tokens_1001 = tokens_1000.clone();
@@ -836,7 +842,7 @@ async fn rejected_requests_write_nothing() {
     let nan = obj(vec![("deep", nested(vec![("list", list(vec![num(f64::INFINITY)]))]))]);
     assert_invalid(client.create_session(create("u", Some(nan), None)).await, "data.deep.list[0]");
     assert_invalid(client.revoke_token(revoke("", now_ms() + 1000)).await, "token");
-    assert_invalid(client.revoke_token(revoke("t", now_ms() + 31 * 86_400_000)).await, "expires_at");
+    assert_invalid(client.revoke_token(revoke("t", now_ms() + 367 * 86_400_000)).await, "expires_at");
     assert!(stored_keys(&redis, &server).await.is_empty());
 
     // A session whose update is refused keeps its data.
@@ -922,4 +928,19 @@ async fn by_default_a_user_keeps_at_most_100_sessions() {
     let next = client.create_session(create("u", None, None)).await.unwrap().into_inner();
     assert_eq!(next.evicted_session_ids, vec![first]);
     assert_eq!(list_ids(&mut client, "u").await.len(), 100);
+}
+
+#[tokio::test]
+async fn a_revocation_lasts_as_long_as_the_token_it_revokes() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut client = server.sessions();
+    let day = 86_400_000;
+    assert!(client.revoke_token(revoke("refresh-token", now_ms() + 90 * day)).await.unwrap().into_inner().revoked);
+    let mut redis_client = redis.client().await;
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("{}:rt:*", server.prefix)).query_async(&mut redis_client).await.unwrap();
+    assert_eq!(keys.len(), 1);
+    let pttl: i64 = redis::cmd("PTTL").arg(&keys[0]).query_async(&mut redis_client).await.unwrap();
+    assert!(pttl > 89 * day && pttl <= 90 * day, "the denylist entry lives 90 days: {pttl} ms");
 }

@@ -250,7 +250,8 @@ impl Clients {
             day: config.stats_retention_day,
         };
         let stats = StatsStore::new(redis.clone(), keys.clone(), calendar, retention, config.stats_active_window_max);
-        let sessions = SessionStore::new(redis.clone(), keys.clone(), 0, config.max_value_bytes, config.max_ttl);
+        let sessions =
+            SessionStore::new(redis.clone(), keys.clone(), 0, config.max_value_bytes, config.max_revocation_ttl);
         // As a user would open them, minus the reply timeout: a loaded
         // machine must slow the floor down, not end the run.
         let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);

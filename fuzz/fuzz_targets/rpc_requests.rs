@@ -67,7 +67,7 @@ fn apis() -> &'static Apis {
         Apis {
             cache: CacheApi::new(
                 CacheStore::new(redis.clone(), keys.clone()),
-                limits.clone(),
+                limits,
                 config.cache_default_ttl,
                 config.cache_fill_timeout,
             ),
@@ -77,16 +77,16 @@ fn apis() -> &'static Apis {
                     keys.clone(),
                     config.session_max_per_user,
                     config.session_max_data_bytes,
-                    config.max_ttl,
+                    config.max_revocation_ttl,
                 ),
-                limits.clone(),
+                limits,
                 config.session_default_ttl.min(config.max_ttl),
                 config.session_max_data_bytes,
             ),
-            rate_limit: RateLimitApi::new(RateLimitStore::new(redis.clone(), keys.clone()), limits.clone(), false),
+            rate_limit: RateLimitApi::new(RateLimitStore::new(redis.clone(), keys.clone()), limits, false),
             locks: LockApi::new(
                 LockStore::new(redis.clone(), keys.clone(), config.lock_replicas),
-                limits.clone(),
+                limits,
                 config.lock_default_ttl,
             ),
             stats: StatsApi::new(

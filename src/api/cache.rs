@@ -30,16 +30,17 @@ impl CacheApi {
     /// Checks one entry to write; `field` prefixes the names (`items[2].`).
     fn write<'a>(
         &self,
+        limits: &Limits,
         field: &str,
         key: &'a str,
         value: &'a [u8],
         ttl: Option<prost_types::Duration>,
         tags: &'a [String],
     ) -> Result<Write<'a>, Status> {
-        self.limits.key(|| format!("{field}key"), key)?;
-        self.limits.value(|| format!("{field}value"), value)?;
-        let ttl = self.limits.ttl(|| format!("{field}ttl"), ttl, self.default_ttl)?;
-        self.limits.keys(&format!("{field}tags"), tags)?;
+        limits.key(|| format!("{field}key"), key)?;
+        limits.value(|| format!("{field}value"), value)?;
+        let ttl = limits.ttl(|| format!("{field}ttl"), ttl, self.default_ttl)?;
+        limits.keys(&format!("{field}tags"), tags)?;
         Ok(Write { key, value, ttl, tags })
     }
 }
@@ -55,9 +56,9 @@ fn entry_parts(entry: Entry) -> (bool, Vec<u8>, Option<prost_types::Duration>) {
 #[tonic::async_trait]
 impl CacheService for CacheApi {
     async fn get(&self, request: Request<proto::GetRequest>) -> Result<Response<proto::GetResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "key".into(), &request.key)?;
+        limits.key(|| "key".into(), &request.key)?;
         let entry = self
             .store
             .get_many(&space, std::slice::from_ref(&request.key))
@@ -72,9 +73,9 @@ impl CacheService for CacheApi {
         &self,
         request: Request<proto::GetManyRequest>,
     ) -> Result<Response<proto::GetManyResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.keys("keys", &request.keys)?;
+        limits.keys("keys", &request.keys)?;
         let entries = self.store.get_many(&space, &request.keys).await?;
         let entries = request
             .keys
@@ -89,7 +90,7 @@ impl CacheService for CacheApi {
     }
 
     async fn set(&self, request: Request<proto::SetRequest>) -> Result<Response<proto::SetResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
         let condition = match proto::SetCondition::try_from(request.condition) {
             Ok(proto::SetCondition::Unspecified) => Condition::Always,
@@ -97,7 +98,7 @@ impl CacheService for CacheApi {
             Ok(proto::SetCondition::IfPresent) => Condition::IfPresent,
             Err(_) => return Err(Status::invalid_argument("condition: unknown value")),
         };
-        let write = self.write("", &request.key, &request.value, request.ttl, &request.tags)?;
+        let write = self.write(&limits, "", &request.key, &request.value, request.ttl, &request.tags)?;
         let stored = self.store.set(&space, &write, condition).await?;
         Ok(Response::new(proto::SetResponse { stored }))
     }
@@ -106,46 +107,46 @@ impl CacheService for CacheApi {
         &self,
         request: Request<proto::SetManyRequest>,
     ) -> Result<Response<proto::SetManyResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.batch("items", request.items.len())?;
+        limits.batch("items", request.items.len())?;
         let writes = request
             .items
             .iter()
             .enumerate()
-            .map(|(i, item)| self.write(&format!("items[{i}]."), &item.key, &item.value, item.ttl, &item.tags))
+            .map(|(i, item)| self.write(&limits, &format!("items[{i}]."), &item.key, &item.value, item.ttl, &item.tags))
             .collect::<Result<Vec<_>, _>>()?;
         let stored = self.store.set_many(&space, &writes).await?;
         Ok(Response::new(proto::SetManyResponse { stored }))
     }
 
     async fn delete(&self, request: Request<proto::DeleteRequest>) -> Result<Response<proto::DeleteResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.keys("keys", &request.keys)?;
+        limits.keys("keys", &request.keys)?;
         let deleted = self.store.delete(&space, &request.keys).await?;
         Ok(Response::new(proto::DeleteResponse { deleted }))
     }
 
     async fn touch(&self, request: Request<proto::TouchRequest>) -> Result<Response<proto::TouchResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "key".into(), &request.key)?;
+        limits.key(|| "key".into(), &request.key)?;
         let ttl = request.ttl.ok_or_else(|| Status::invalid_argument("ttl: is required"))?;
-        let ttl = self.limits.span(|| "ttl".into(), ttl, false)?;
+        let ttl = limits.span(|| "ttl".into(), ttl, false)?;
         let found = self.store.touch(&space, &request.key, ttl).await?;
         Ok(Response::new(proto::TouchResponse { found }))
     }
 
     async fn fetch(&self, request: Request<proto::FetchRequest>) -> Result<Response<proto::FetchResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let budget = |wanted| wait_budget(&request, wanted);
         let body = request.get_ref();
-        self.limits.key(|| "key".into(), &body.key)?;
-        let fill_timeout = self.limits.ttl(|| "fill_timeout".into(), body.fill_timeout, self.default_fill_timeout)?;
+        limits.key(|| "key".into(), &body.key)?;
+        let fill_timeout = limits.ttl(|| "fill_timeout".into(), body.fill_timeout, self.default_fill_timeout)?;
         let max_wait = match body.max_wait {
             None => self.default_fill_timeout,
-            Some(wait) => self.limits.span(|| "max_wait".into(), wait, true)?,
+            Some(wait) => limits.span(|| "max_wait".into(), wait, true)?,
         };
         let max_wait = budget(max_wait);
         let response = match self.store.fetch(&space, &body.key, fill_timeout, max_wait).await? {
@@ -164,10 +165,10 @@ impl CacheService for CacheApi {
     }
 
     async fn fill(&self, request: Request<proto::FillRequest>) -> Result<Response<proto::FillResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        let write = self.write("", &request.key, &request.value, request.ttl, &request.tags)?;
-        self.limits.key(|| "fill_token".into(), &request.fill_token)?;
+        let write = self.write(&limits, "", &request.key, &request.value, request.ttl, &request.tags)?;
+        limits.key(|| "fill_token".into(), &request.fill_token)?;
         let stored = self.store.fill(&space, &write, &request.fill_token).await?;
         Ok(Response::new(proto::FillResponse { stored }))
     }
@@ -176,10 +177,10 @@ impl CacheService for CacheApi {
         &self,
         request: Request<proto::AbandonFillRequest>,
     ) -> Result<Response<proto::AbandonFillResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "key".into(), &request.key)?;
-        self.limits.key(|| "fill_token".into(), &request.fill_token)?;
+        limits.key(|| "key".into(), &request.key)?;
+        limits.key(|| "fill_token".into(), &request.fill_token)?;
         let released = self.store.abandon_fill(&space, &request.key, &request.fill_token).await?;
         Ok(Response::new(proto::AbandonFillResponse { released }))
     }
@@ -188,9 +189,9 @@ impl CacheService for CacheApi {
         &self,
         request: Request<proto::InvalidateTagsRequest>,
     ) -> Result<Response<proto::InvalidateTagsResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.keys("tags", &request.tags)?;
+        limits.keys("tags", &request.tags)?;
         let invalidated = self.store.invalidate_tags(&space, &request.tags).await?;
         Ok(Response::new(proto::InvalidateTagsResponse { invalidated }))
     }

@@ -44,12 +44,12 @@ impl EnvoyRateLimitApi {
     }
 
     /// Checks the request against the protocol's rules and our limits.
-    fn descriptors<'a>(&self, request: &'a RateLimitRequest) -> Result<Vec<Descriptor<'a>>, Error> {
-        self.limits.key(|| "domain".into(), &request.domain)?;
+    fn descriptors<'a>(&self, limits: &Limits, request: &'a RateLimitRequest) -> Result<Vec<Descriptor<'a>>, Error> {
+        limits.key(|| "domain".into(), &request.domain)?;
         if request.descriptors.is_empty() {
             return Err(Error::invalid("descriptors", "must not be empty"));
         }
-        self.limits.batch("descriptors", request.descriptors.len())?;
+        limits.batch("descriptors", request.descriptors.len())?;
         let default_hits = u64::from(request.hits_addend.max(1));
         request
             .descriptors
@@ -60,11 +60,11 @@ impl EnvoyRateLimitApi {
                 if descriptor.entries.is_empty() {
                     return Err(Error::invalid(field("entries"), "must not be empty"));
                 }
-                self.limits.batch(&field("entries"), descriptor.entries.len())?;
+                limits.batch(&field("entries"), descriptor.entries.len())?;
                 for (j, entry) in descriptor.entries.iter().enumerate() {
-                    self.limits.key(|| field(&format!("entries[{j}].key")), &entry.key)?;
-                    if entry.value.len() > self.limits.max_key_bytes {
-                        let rule = format!("must be at most {} bytes", self.limits.max_key_bytes);
+                    limits.key(|| field(&format!("entries[{j}].key")), &entry.key)?;
+                    if entry.value.len() > limits.max_key_bytes {
+                        let rule = format!("must be at most {} bytes", limits.max_key_bytes);
                         return Err(Error::invalid(field(&format!("entries[{j}].value")), rule));
                     }
                 }
@@ -128,9 +128,9 @@ impl RateLimitService for EnvoyRateLimitApi {
         &self,
         request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, Status> {
-        let space = crate::api::space(self.store.keys(), &request);
+        let crate::api::Scope { space, limits } = crate::api::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        let descriptors = self.descriptors(&request)?;
+        let descriptors = self.descriptors(&limits, &request)?;
         let rules = Arc::clone(&self.rules.borrow());
         let plan = rls::plan(&rules, &request.domain, &descriptors);
         let parts: Vec<Part<'_>> = plan

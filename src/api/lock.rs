@@ -64,17 +64,17 @@ impl LockApi {
         Self { stopping, ..self }
     }
 
-    fn name(&self, name: &str) -> Result<(), Status> {
-        Ok(self.limits.key(|| "name".into(), name)?)
+    fn name(&self, limits: &Limits, name: &str) -> Result<(), Status> {
+        Ok(limits.key(|| "name".into(), name)?)
     }
 
-    fn lease_id(&self, lease_id: &str) -> Result<(), Status> {
-        Ok(self.limits.key(|| "lease_id".into(), lease_id)?)
+    fn lease_id(&self, limits: &Limits, lease_id: &str) -> Result<(), Status> {
+        Ok(limits.key(|| "lease_id".into(), lease_id)?)
     }
 
     /// A lease length: absent → the default; else 1 ms ..= max TTL.
-    fn ttl(&self, ttl: Option<prost_types::Duration>) -> Result<Duration, Status> {
-        let ttl = self.limits.ttl(|| "ttl".into(), ttl, self.default_ttl)?;
+    fn ttl(&self, limits: &Limits, ttl: Option<prost_types::Duration>) -> Result<Duration, Status> {
+        let ttl = limits.ttl(|| "ttl".into(), ttl, self.default_ttl)?;
         if ttl < MIN_TTL {
             return Err(Status::invalid_argument("ttl: must be at least 1ms"));
         }
@@ -83,23 +83,21 @@ impl LockApi {
 
     fn want<'a>(
         &self,
-        space: Keys,
+        scope: super::Scope,
         name: &'a str,
         owner: &'a str,
         ttl: Option<prost_types::Duration>,
         wait: Option<prost_types::Duration>,
     ) -> Result<Want<'a>, Status> {
-        self.name(name)?;
-        if owner.len() > self.limits.max_key_bytes {
-            return Err(Status::invalid_argument(format!(
-                "owner: must be at most {} bytes",
-                self.limits.max_key_bytes
-            )));
+        let super::Scope { space, limits } = scope;
+        self.name(&limits, name)?;
+        if owner.len() > limits.max_key_bytes {
+            return Err(Status::invalid_argument(format!("owner: must be at most {} bytes", limits.max_key_bytes)));
         }
-        let ttl = self.ttl(ttl)?;
+        let ttl = self.ttl(&limits, ttl)?;
         let wait = match wait {
             None => Duration::ZERO,
-            Some(wait) => self.limits.span(|| "wait".into(), wait, true)?,
+            Some(wait) => limits.span(|| "wait".into(), wait, true)?,
         };
         Ok(Want { space, name, owner, ttl, wait })
     }
@@ -129,8 +127,13 @@ impl LockService for LockApi {
     ) -> Result<Response<proto::AcquireResponse>, Status> {
         let arrived = Instant::now();
         let body = request.get_ref();
-        let mut want =
-            self.want(super::space(self.store.keys(), &request), &body.name, &body.owner, body.ttl, body.wait)?;
+        let mut want = self.want(
+            super::scope(self.store.keys(), &self.limits, &request),
+            &body.name,
+            &body.owner,
+            body.ttl,
+            body.wait,
+        )?;
         want.wait = wait_budget(&request, want.wait);
         let response = match self.acquire_wanted(&want, arrived).await? {
             Some(grant) => proto::AcquireResponse {
@@ -148,21 +151,21 @@ impl LockService for LockApi {
         &self,
         request: Request<proto::ReleaseRequest>,
     ) -> Result<Response<proto::ReleaseResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.name(&request.name)?;
-        self.lease_id(&request.lease_id)?;
+        self.name(&limits, &request.name)?;
+        self.lease_id(&limits, &request.lease_id)?;
         let released = self.store.release(&space, &request.name, &request.lease_id).await?;
         Ok(Response::new(proto::ReleaseResponse { released }))
     }
 
     async fn extend(&self, request: Request<proto::ExtendRequest>) -> Result<Response<proto::ExtendResponse>, Status> {
         let arrived = Instant::now();
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.name(&request.name)?;
-        self.lease_id(&request.lease_id)?;
-        let ttl = self.ttl(request.ttl)?;
+        self.name(&limits, &request.name)?;
+        self.lease_id(&limits, &request.lease_id)?;
+        let ttl = self.ttl(&limits, request.ttl)?;
         let response = match self.store.extend(&space, &request.name, &request.lease_id, ttl).await? {
             Some(floor) => {
                 proto::ExtendResponse { extended: true, valid_for: Some(to_proto_duration(valid_for(floor, arrived))) }
@@ -176,9 +179,9 @@ impl LockService for LockApi {
         &self,
         request: Request<proto::InspectRequest>,
     ) -> Result<Response<proto::InspectResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.name(&request.name)?;
+        self.name(&limits, &request.name)?;
         let response = match self.store.inspect(&space, &request.name).await? {
             Some(holder) => proto::InspectResponse {
                 held: true,
@@ -194,15 +197,15 @@ impl LockService for LockApi {
     async fn hold(&self, request: Request<Streaming<proto::HoldRequest>>) -> Result<Response<HoldStream>, Status> {
         // The call's deadline bounds the wait, counted from the call's start.
         let opened = Instant::now();
-        let longest_wait = wait_budget(&request, self.limits.max_ttl);
-        let space = super::space(self.store.keys(), &request);
+        let scope = super::scope(self.store.keys(), &self.limits, &request);
+        let longest_wait = wait_budget(&request, scope.limits.max_ttl);
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("request: the stream must start with a HoldRequest"))?;
         let arrived = Instant::now();
-        let mut want = self.want(space, &first.name, &first.owner, first.ttl, first.wait)?;
+        let mut want = self.want(scope, &first.name, &first.owner, first.ttl, first.wait)?;
         want.wait = want.wait.min((opened + longest_wait).saturating_duration_since(arrived));
 
         // Acquire (and wait) before answering: a caller that gives up drops

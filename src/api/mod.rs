@@ -15,7 +15,7 @@ use crate::keys::Keys;
 use crate::{config::Config, error::Error};
 
 /// The request limits of SPEC §1, from configuration.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Longest key, name or tag, in bytes.
     pub max_key_bytes: usize,
@@ -148,20 +148,35 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// The key space of the request's tenant: `keys` itself when the caller has
-/// none (authentication off), else `keys.tenant(..)`. The tenant comes from
-/// the caller's credential (the auth layer puts it in the request's
-/// extensions), never from the request body.
-pub fn space<T>(keys: &Keys, request: &tonic::Request<T>) -> Keys {
-    match request.extensions().get::<Tenant>() {
-        Some(tenant) => keys.tenant(&tenant.0),
-        None => keys.clone(),
+/// What a request may touch: its tenant's key space and limits.
+pub struct Scope {
+    /// Where its Redis keys live.
+    pub space: Keys,
+    /// The request limits it is checked against.
+    pub limits: Limits,
+}
+
+/// The scope of `request`: its caller's tenant space and limits when the auth
+/// layer established a caller, else the base key space and `limits`. The
+/// tenant comes from the caller's credential, never from the request body.
+pub fn scope<T>(keys: &Keys, limits: &Limits, request: &tonic::Request<T>) -> Scope {
+    match request.extensions().get::<Caller>() {
+        Some(caller) => Scope { space: keys.tenant(&caller.tenant), limits: caller.limits },
+        None => Scope { space: keys.clone(), limits: *limits },
     }
 }
 
-/// The tenant a request acts for, as the auth layer established it.
+/// Who a request acts for, as the auth layer established it from the
+/// credential: the key's id (for logs), its tenant, and the tenant's limits.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Tenant(pub String);
+pub struct Caller {
+    /// The API key's id (never its secret).
+    pub key_id: String,
+    /// The tenant whose key space the request uses.
+    pub tenant: String,
+    /// The process limits, tightened by the tenant's own.
+    pub limits: Limits,
+}
 
 /// The longest a handler may wait server-side: `wanted`, cut short so the
 /// answer reaches the caller before its deadline does.

@@ -30,12 +30,12 @@ impl RateLimitApi {
     }
 
     /// Checks one limit of a request; `i` is its index.
-    fn limit<'a>(&self, i: usize, limit: &'a proto::Limit) -> Result<Limit<'a>, Error> {
+    fn limit<'a>(&self, limits: &Limits, i: usize, limit: &'a proto::Limit) -> Result<Limit<'a>, Error> {
         let field = |name: &str| format!("limits[{i}].{name}");
-        self.limits.key(|| field("key"), &limit.key)?;
+        limits.key(|| field("key"), &limit.key)?;
         units(&field("limit"), limit.limit)?;
         let period = limit.period.ok_or_else(|| Error::invalid(field("period"), "is required"))?;
-        let period = self.limits.span(|| field("period"), period, false)?;
+        let period = limits.span(|| field("period"), period, false)?;
         if period.subsec_nanos() % 1_000_000 != 0 {
             return Err(Error::invalid(field("period"), "must be a whole number of milliseconds"));
         }
@@ -54,13 +54,13 @@ impl RateLimitApi {
                 units(&field("burst"), burst)?;
                 // The bucket's state lives until it is full again, so that
                 // must come within the longest TTL: burst x period / limit.
-                let max_ms = self.limits.max_ttl.as_millis();
+                let max_ms = limits.max_ttl.as_millis();
                 if u128::from(burst) * u128::from(period_ms) > max_ms * u128::from(limit.limit) {
                     return Err(Error::invalid(
                         field("burst"),
                         format!(
                             "must refill within {} (burst x period / limit)",
-                            humantime::format_duration(self.limits.max_ttl)
+                            humantime::format_duration(limits.max_ttl)
                         ),
                     ));
                 }
@@ -72,17 +72,17 @@ impl RateLimitApi {
     }
 
     /// Checks a whole Check request.
-    fn request<'a>(&self, request: &'a proto::CheckRequest) -> Result<(Vec<Limit<'a>>, u64), Error> {
+    fn request<'a>(&self, bounds: &Limits, request: &'a proto::CheckRequest) -> Result<(Vec<Limit<'a>>, u64), Error> {
         if request.limits.is_empty() {
             return Err(Error::invalid("limits", "must not be empty"));
         }
-        self.limits.batch("limits", request.limits.len())?;
+        bounds.batch("limits", request.limits.len())?;
         let cost = request.cost.unwrap_or(1);
         units("cost", cost)?;
         let mut seen = HashMap::with_capacity(request.limits.len());
         let mut limits = Vec::with_capacity(request.limits.len());
         for (i, limit) in request.limits.iter().enumerate() {
-            let limit = self.limit(i, limit)?;
+            let limit = self.limit(bounds, i, limit)?;
             if let Some(first) = seen.insert(limit.key, i) {
                 return Err(Error::invalid(
                     format!("limits[{i}].key"),
@@ -116,9 +116,9 @@ fn units(field: &str, value: u64) -> Result<(), Error> {
 #[tonic::async_trait]
 impl RateLimitService for RateLimitApi {
     async fn check(&self, request: Request<proto::CheckRequest>) -> Result<Response<proto::CheckResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits: bounds } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        let (limits, cost) = self.request(&request)?;
+        let (limits, cost) = self.request(&bounds, &request)?;
         let decisions = match self.store.check(&space, &limits, cost, request.peek).await {
             Ok(decisions) => decisions,
             Err(Error::Unavailable(detail)) if self.fail_open => {
@@ -161,12 +161,12 @@ impl RateLimitService for RateLimitApi {
         &self,
         request: Request<proto::ResetLimitsRequest>,
     ) -> Result<Response<proto::ResetLimitsResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
         if request.keys.is_empty() {
             return Err(Error::invalid("keys", "must not be empty").into());
         }
-        self.limits.keys("keys", &request.keys)?;
+        limits.keys("keys", &request.keys)?;
         let reset = self.store.reset(&space, &request.keys).await?;
         Ok(Response::new(proto::ResetLimitsResponse { reset }))
     }

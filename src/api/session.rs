@@ -53,11 +53,11 @@ impl SessionApi {
     }
 
     /// A token: 1 byte up to the value limit (only its hash is stored).
-    fn token(&self, field: impl Fn() -> String, token: &str) -> Result<(), Error> {
+    fn token(&self, limits: &Limits, field: impl Fn() -> String, token: &str) -> Result<(), Error> {
         if token.is_empty() {
             return Err(Error::invalid(field(), "must not be empty"));
         }
-        self.limits.value(field, token.as_bytes())
+        limits.value(field, token.as_bytes())
     }
 }
 
@@ -67,11 +67,11 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::CreateSessionRequest>,
     ) -> Result<Response<proto::CreateSessionResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "user_id".into(), &request.user_id)?;
+        limits.key(|| "user_id".into(), &request.user_id)?;
         let data = self.data_json(request.data.as_ref())?;
-        let ttl = self.limits.ttl(|| "ttl".into(), request.ttl, self.default_ttl)?;
+        let ttl = limits.ttl(|| "ttl".into(), request.ttl, self.default_ttl)?;
         let created = self.store.create(&space, &request.user_id, &data, ttl).await?;
         Ok(Response::new(proto::CreateSessionResponse {
             session: Some(to_proto(created.session)?),
@@ -83,9 +83,9 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::GetSessionRequest>,
     ) -> Result<Response<proto::GetSessionResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "session_id".into(), &request.session_id)?;
+        limits.key(|| "session_id".into(), &request.session_id)?;
         let session = self.store.get(&space, &request.session_id, request.touch, None).await?;
         let session = session.map(to_proto).transpose()?;
         Ok(Response::new(proto::GetSessionResponse { found: session.is_some(), session }))
@@ -95,10 +95,10 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::TouchSessionRequest>,
     ) -> Result<Response<proto::TouchSessionResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "session_id".into(), &request.session_id)?;
-        let ttl = request.ttl.map(|ttl| self.limits.span(|| "ttl".into(), ttl, false)).transpose()?;
+        limits.key(|| "session_id".into(), &request.session_id)?;
+        let ttl = request.ttl.map(|ttl| limits.span(|| "ttl".into(), ttl, false)).transpose()?;
         let session = self.store.get(&space, &request.session_id, true, ttl).await?;
         let session = session.map(to_proto).transpose()?;
         Ok(Response::new(proto::TouchSessionResponse { found: session.is_some(), session }))
@@ -108,9 +108,9 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::UpdateSessionRequest>,
     ) -> Result<Response<proto::UpdateSessionResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "session_id".into(), &request.session_id)?;
+        limits.key(|| "session_id".into(), &request.session_id)?;
         let update = if request.merge {
             let fields = request.data.map(|data| data.fields).unwrap_or_default();
             let members = fields
@@ -137,9 +137,9 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::DeleteSessionRequest>,
     ) -> Result<Response<proto::DeleteSessionResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "session_id".into(), &request.session_id)?;
+        limits.key(|| "session_id".into(), &request.session_id)?;
         let deleted = self.store.delete(&space, &request.session_id).await?;
         Ok(Response::new(proto::DeleteSessionResponse { deleted }))
     }
@@ -148,9 +148,9 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::ListUserSessionsRequest>,
     ) -> Result<Response<proto::ListUserSessionsResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "user_id".into(), &request.user_id)?;
+        limits.key(|| "user_id".into(), &request.user_id)?;
         let sessions = self.store.list(&space, &request.user_id).await?;
         let sessions = sessions.into_iter().map(to_proto).collect::<Result<_, _>>()?;
         Ok(Response::new(proto::ListUserSessionsResponse { sessions }))
@@ -160,11 +160,11 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::DeleteUserSessionsRequest>,
     ) -> Result<Response<proto::DeleteUserSessionsResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "user_id".into(), &request.user_id)?;
+        limits.key(|| "user_id".into(), &request.user_id)?;
         if let Some(keep) = &request.keep_session_id {
-            self.limits.key(|| "keep_session_id".into(), keep)?;
+            limits.key(|| "keep_session_id".into(), keep)?;
         }
         let deleted = self.store.delete_user(&space, &request.user_id, request.keep_session_id.as_deref()).await?;
         Ok(Response::new(proto::DeleteUserSessionsResponse { deleted }))
@@ -174,9 +174,9 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::RevokeTokenRequest>,
     ) -> Result<Response<proto::RevokeTokenResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.token(|| "token".into(), &request.token)?;
+        self.token(&limits, || "token".into(), &request.token)?;
         let expires_at = request.expires_at.ok_or_else(|| Error::invalid("expires_at", "is required"))?;
         if !(0..1_000_000_000).contains(&expires_at.nanos) {
             return Err(Error::invalid("expires_at", "nanos must be 0..999999999").into());
@@ -190,7 +190,7 @@ impl SessionService for SessionApi {
             Revocation::Stored => true,
             Revocation::AlreadyExpired => false,
             Revocation::TooFar => {
-                let max = humantime::format_duration(self.limits.max_ttl);
+                let max = humantime::format_duration(self.store.max_revocation());
                 return Err(Error::invalid("expires_at", format!("must be at most {max} from now")).into());
             }
         };
@@ -201,11 +201,11 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::CheckTokensRequest>,
     ) -> Result<Response<proto::CheckTokensResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.batch("tokens", request.tokens.len())?;
+        limits.batch("tokens", request.tokens.len())?;
         for (i, token) in request.tokens.iter().enumerate() {
-            self.token(|| format!("tokens[{i}]"), token)?;
+            self.token(&limits, || format!("tokens[{i}]"), token)?;
         }
         let revoked = self.store.check(&space, &request.tokens).await?;
         Ok(Response::new(proto::CheckTokensResponse { revoked }))

@@ -58,11 +58,11 @@ impl StatsApi {
     }
 
     /// A list of names, members or deltas: 1..=max_batch items.
-    fn non_empty_batch(&self, field: &str, len: usize) -> Result<(), Error> {
+    fn non_empty_batch(&self, limits: &Limits, field: &str, len: usize) -> Result<(), Error> {
         if len == 0 {
             return Err(Error::invalid(field, "must have at least 1 item"));
         }
-        self.limits.batch(field, len)
+        limits.batch(field, len)
     }
 }
 
@@ -94,15 +94,15 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::IncrementRequest>,
     ) -> Result<Response<proto::IncrementResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.non_empty_batch("deltas", request.deltas.len())?;
+        self.non_empty_batch(&limits, "deltas", request.deltas.len())?;
         let deltas = request
             .deltas
             .iter()
             .enumerate()
             .map(|(i, delta)| {
-                self.limits.key(|| format!("deltas[{i}].name"), &delta.name)?;
+                limits.key(|| format!("deltas[{i}].name"), &delta.name)?;
                 Ok((delta.name.as_str(), delta.amount.unwrap_or(1)))
             })
             .collect::<Result<Vec<_>, Error>>()?;
@@ -114,9 +114,9 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::GetSeriesRequest>,
     ) -> Result<Response<proto::GetSeriesResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "name".into(), &request.name)?;
+        limits.key(|| "name".into(), &request.name)?;
         let g = granularity(request.granularity)?;
         let starts = self.range(g, request.start, request.end, "buckets")?;
         let values = self.store.series(&space, &request.name, g, &starts).await?;
@@ -130,10 +130,10 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::GetTotalsRequest>,
     ) -> Result<Response<proto::GetTotalsResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.non_empty_batch("names", request.names.len())?;
-        self.limits.keys("names", &request.names)?;
+        self.non_empty_batch(&limits, "names", request.names.len())?;
+        limits.keys("names", &request.names)?;
         let values = self.store.totals(&space, &request.names).await?;
         Ok(Response::new(proto::GetTotalsResponse { values }))
     }
@@ -142,10 +142,10 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::MarkActiveRequest>,
     ) -> Result<Response<proto::MarkActiveResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "group".into(), &request.group)?;
-        self.limits.key(|| "member".into(), &request.member)?;
+        limits.key(|| "group".into(), &request.group)?;
+        limits.key(|| "member".into(), &request.member)?;
         self.store.mark_active(&space, &request.group, &request.member).await?;
         Ok(Response::new(proto::MarkActiveResponse {}))
     }
@@ -154,9 +154,9 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::CountActiveRequest>,
     ) -> Result<Response<proto::CountActiveResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "group".into(), &request.group)?;
+        limits.key(|| "group".into(), &request.group)?;
         let window = request.window.ok_or_else(|| Error::invalid("window", "is required"))?;
         let window = Duration::try_from(window).map_err(|_| Error::invalid("window", "must be positive"))?;
         if window < Duration::from_millis(1) {
@@ -174,11 +174,11 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::AddUniqueRequest>,
     ) -> Result<Response<proto::AddUniqueResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "name".into(), &request.name)?;
-        self.non_empty_batch("members", request.members.len())?;
-        self.limits.keys("members", &request.members)?;
+        limits.key(|| "name".into(), &request.name)?;
+        self.non_empty_batch(&limits, "members", request.members.len())?;
+        limits.keys("members", &request.members)?;
         let added = self.store.add_unique(&space, &request.name, &request.members).await?;
         Ok(Response::new(proto::AddUniqueResponse { added }))
     }
@@ -187,9 +187,9 @@ impl StatsService for StatsApi {
         &self,
         request: Request<proto::CountUniqueRequest>,
     ) -> Result<Response<proto::CountUniqueResponse>, Status> {
-        let space = super::space(self.store.keys(), &request);
+        let super::Scope { space, limits } = super::scope(self.store.keys(), &self.limits, &request);
         let request = request.into_inner();
-        self.limits.key(|| "name".into(), &request.name)?;
+        limits.key(|| "name".into(), &request.name)?;
         let days = self.range(Granularity::Day, request.start, request.end, "days")?;
         let count = self.store.count_unique(&space, &request.name, &days).await?;
         Ok(Response::new(proto::CountUniqueResponse { count }))

@@ -10,6 +10,8 @@
 //! present exactly that certificate; otherwise against the web's public
 //! roots. `--tls-cert`/`--tls-key` give a client certificate for a server
 //! that requires one.
+//! When the server requires a key for health (`--auth-health-needs-key`),
+//! set `CACHECOORD_HEALTHCHECK_API_KEY`.
 
 use std::{path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
 
@@ -70,7 +72,14 @@ async fn main() -> ExitCode {
     let check = async {
         let channel = connect(&addr, &args).await?;
         let mut client = HealthClient::new(channel);
-        let response = client.check(HealthCheckRequest { service: String::new() }).await.map_err(|e| e.to_string())?;
+        let mut request = tonic::Request::new(HealthCheckRequest { service: String::new() });
+        if let Ok(key) = std::env::var("CACHECOORD_HEALTHCHECK_API_KEY") {
+            let value = format!("Bearer {key}")
+                .parse()
+                .map_err(|_| "CACHECOORD_HEALTHCHECK_API_KEY is not a valid header value")?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let response = client.check(request).await.map_err(|e| e.to_string())?;
         Ok::<_, String>(response.into_inner().status())
     };
     match tokio::time::timeout(Duration::from_secs(3), check).await {

@@ -101,8 +101,8 @@ pub struct SessionStore {
     max_per_user: u32,
     /// Largest session data, in bytes of JSON (checked again after a merge).
     max_data_bytes: usize,
-    /// Longest revocation, from now.
-    max_ttl: Duration,
+    /// Longest revocation, from now (`--max-revocation-ttl`).
+    max_revocation: Duration,
     scripts: Scripts,
 }
 
@@ -119,7 +119,7 @@ struct Scripts {
 
 impl SessionStore {
     /// A store under `keys`.
-    pub fn new(redis: Redis, keys: Keys, max_per_user: u32, max_data_bytes: usize, max_ttl: Duration) -> Self {
+    pub fn new(redis: Redis, keys: Keys, max_per_user: u32, max_data_bytes: usize, max_revocation: Duration) -> Self {
         let scripts = Scripts {
             create: session_script!("session_create.lua"),
             get: session_script!("session_get.lua"),
@@ -129,7 +129,7 @@ impl SessionStore {
             delete_user: session_script!("session_delete_user.lua"),
             revoke: Script::new(include_str!("lua/revoke_token.lua")),
         };
-        Self { redis, keys, max_per_user, max_data_bytes, max_ttl, scripts }
+        Self { redis, keys, max_per_user, max_data_bytes, max_revocation, scripts }
     }
 
     /// The key space without a tenant; `Keys::tenant` derives a tenant's.
@@ -240,11 +240,16 @@ impl SessionStore {
         self.redis.invoke(&call).await
     }
 
+    /// The longest a revocation may last, from now.
+    pub fn max_revocation(&self) -> Duration {
+        self.max_revocation
+    }
+
     /// Revokes `token` until `expires_at_ms` (Unix ms).
     pub async fn revoke(&self, space: &Keys, token: &str, expires_at_ms: i64) -> Result<Revocation> {
         let mut call = self.scripts.revoke.prepare_invoke();
         call.key(space.revoked_token(&token_hash(token)));
-        call.arg(expires_at_ms).arg(millis(self.max_ttl));
+        call.arg(expires_at_ms).arg(millis(self.max_revocation));
         let outcome: i64 = self.redis.invoke(&call).await?;
         match outcome {
             1 => Ok(Revocation::Stored),

@@ -16,6 +16,8 @@ from .errors import (
     InvalidArgument,
     LockLost,
     LockNotAcquired,
+    PermissionDenied,
+    Unauthenticated,
     Unavailable,
     Unimplemented,
 )
@@ -42,11 +44,13 @@ __all__ = [
     "LockInfo",
     "LockLost",
     "LockNotAcquired",
+    "PermissionDenied",
     "RateLimitResult",
     "Series",
     "Serializer",
     "Session",
     "TLS",
+    "Unauthenticated",
     "Unavailable",
     "Unimplemented",
 ]

@@ -12,7 +12,7 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Generic, Optional, TypeVar
+from typing import Any, Callable, Dict, Generic, Optional, Tuple, TypeVar
 
 import grpc
 
@@ -50,6 +50,8 @@ class CallPolicy:
     retries: int = 2
     #: First backoff in seconds; doubled each retry, with jitter.
     backoff: float = 0.05
+    #: Metadata sent with every call (the API key), or None.
+    metadata: Optional[Tuple[Tuple[str, str], ...]] = None
 
     def budget(self, op: Op[Any], timeout: Optional[float]) -> float:
         """Seconds the whole call (every attempt and pause) may take: the call's own
@@ -84,7 +86,9 @@ class SyncRunner:
         end = time.monotonic() + self.policy.budget(op, timeout)
         for attempt in range(1, attempts + 1):
             try:
-                response = method(op.request, timeout=max(end - time.monotonic(), 0.0))
+                response = method(
+                    op.request, timeout=max(end - time.monotonic(), 0.0), metadata=self.policy.metadata
+                )
             except grpc.RpcError as err:
                 pause = self.policy.pause(attempt)
                 if attempt < attempts and _retryable(err) and time.monotonic() + pause < end:
@@ -113,7 +117,9 @@ class AsyncRunner:
         end = time.monotonic() + self.policy.budget(op, timeout)
         for attempt in range(1, attempts + 1):
             try:
-                response = await method(op.request, timeout=max(end - time.monotonic(), 0.0))
+                response = await method(
+                    op.request, timeout=max(end - time.monotonic(), 0.0), metadata=self.policy.metadata
+                )
             except grpc.RpcError as err:
                 pause = self.policy.pause(attempt)
                 if attempt < attempts and _retryable(err) and time.monotonic() + pause < end:

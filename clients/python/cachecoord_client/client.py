@@ -34,6 +34,15 @@ def _stubs(channel: Any) -> Dict[str, Any]:
     }
 
 
+def _auth_metadata(api_key: Optional[str]) -> Optional[Tuple[Tuple[str, str], ...]]:
+    """The metadata that presents api_key (``authorization: Bearer <key>``), if any."""
+    if api_key is None:
+        return None
+    if not api_key or any(c.isspace() for c in api_key):
+        raise ValueError("api_key must be a non-empty key without whitespace")
+    return (("authorization", f"Bearer {api_key}"),)
+
+
 class Client:
     """A blocking client for cachecoord, safe to share between threads.
 
@@ -42,7 +51,10 @@ class Client:
     client certificate of your own (or pass grpc ``credentials``, or a ``channel`` of
     your own). ``timeout`` is the default deadline of every call in
     seconds (calls that wait server-side get that wait on top); ``retries`` is how often
-    idempotent calls are retried after UNAVAILABLE. Use as a context manager or ``close()``.
+    idempotent calls are retried after UNAVAILABLE. ``api_key`` is sent with every call
+    (``authorization: Bearer <key>``) to a service that requires keys; without one, or
+    with one it does not hold, calls raise ``Unauthenticated``, and ``PermissionDenied``
+    when the key may not call the method. Use as a context manager or ``close()``.
     """
 
     def __init__(
@@ -55,6 +67,7 @@ class Client:
         credentials: Optional[grpc.ChannelCredentials] = None,
         options: Optional[Options] = None,
         channel: Optional[grpc.Channel] = None,
+        api_key: Optional[str] = None,
     ) -> None:
         if channel is None:
             credentials, opts = channel_security(tls, credentials, options)
@@ -64,7 +77,7 @@ class Client:
                 else grpc.insecure_channel(target, opts)
             )
         self._channel = channel
-        runner = SyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries))
+        runner = SyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries, metadata=_auth_metadata(api_key)))
         #: CacheService.
         self.cache = Cache(runner)
         #: SessionService.
@@ -90,8 +103,8 @@ class Client:
 class AsyncClient:
     """The asyncio client (grpc.aio); the same facades with awaitable methods.
 
-    ``tls`` as for ``Client``. Create it inside the running event loop; ``async with AsyncClient(...) as client:``
-    or ``await client.close()``.
+    Create it inside the running event loop; ``async with AsyncClient(...) as client:``
+    or ``await client.close()``. The arguments are those of ``Client``.
     """
 
     def __init__(
@@ -104,6 +117,7 @@ class AsyncClient:
         credentials: Optional[grpc.ChannelCredentials] = None,
         options: Optional[Options] = None,
         channel: Optional[grpc.aio.Channel] = None,
+        api_key: Optional[str] = None,
     ) -> None:
         if channel is None:
             credentials, opts = channel_security(tls, credentials, options)
@@ -113,7 +127,7 @@ class AsyncClient:
                 else grpc.aio.insecure_channel(target, opts)
             )
         self._channel = channel
-        runner = AsyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries))
+        runner = AsyncRunner(_stubs(channel), CallPolicy(timeout=timeout, retries=retries, metadata=_auth_metadata(api_key)))
         #: CacheService.
         self.cache = AsyncCache(runner)
         #: SessionService.

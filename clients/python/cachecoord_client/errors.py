@@ -46,6 +46,14 @@ class InternalError(CachecoordError):
     """Any other failure (INTERNAL, UNKNOWN, ...): a bug or a misconfiguration."""
 
 
+class Unauthenticated(CachecoordError):
+    """No API key, or one the service does not hold (UNAUTHENTICATED)."""
+
+
+class PermissionDenied(CachecoordError):
+    """The API key may not call this method (PERMISSION_DENIED)."""
+
+
 class LockNotAcquired(CachecoordError):
     """``locks.lock(...)`` could not take the lock within its ``wait``."""
 
@@ -65,6 +73,8 @@ _BY_CODE = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
 }
 
 

@@ -105,7 +105,9 @@ def _lease_from_hold(name: str, r: Any, sent: float) -> Lease:
 class _SyncHold:
     """One Hold stream: the service renews the lease until ``close`` half-closes it."""
 
-    def __init__(self, stub: Any, name: str, req: Any, first_timeout: float) -> None:
+    def __init__(
+        self, stub: Any, name: str, req: Any, first_timeout: float, metadata: Any = None
+    ) -> None:
         self._closing = threading.Event()
         self._ended = threading.Event()
 
@@ -118,7 +120,7 @@ class _SyncHold:
         # No deadline on the call: it would bound the whole hold. Only the wait for the
         # first answer is bounded, by cancelling the call when it runs out (the service
         # then gives up the wait, or releases a lock it granted just then).
-        self._call = stub.Hold(requests())
+        self._call = stub.Hold(requests(), metadata=metadata)
         expired = threading.Event()
 
         def expire() -> None:
@@ -228,7 +230,13 @@ class Locks:
         if auto_renew:
             policy = self._runner.policy
             first = timeout if timeout is not None else policy.timeout + _seconds(wait)
-            hold = _SyncHold(self._runner.stubs["locks"], name, _hold_request(name, ttl, wait, owner), first)
+            hold = _SyncHold(
+                self._runner.stubs["locks"],
+                name,
+                _hold_request(name, ttl, wait, owner),
+                first,
+                self._runner.policy.metadata,
+            )
             if hold.lease is None:
                 raise LockNotAcquired(name)
             ok = False
@@ -265,11 +273,13 @@ class _AsyncHold:
             self._task = asyncio.ensure_future(self._watch(lease))
 
     @classmethod
-    async def open(cls, stub: Any, name: str, req: Any, first_timeout: float) -> "_AsyncHold":
+    async def open(
+        cls, stub: Any, name: str, req: Any, first_timeout: float, metadata: Any = None
+    ) -> "_AsyncHold":
         # No deadline on the call (it would bound the whole hold); only the wait for the
         # first answer is bounded. A timeout or a cancelled task cancels the call, and the
         # service then gives up the wait (or releases a lock it granted just then).
-        call = stub.Hold()
+        call = stub.Hold(metadata=metadata)
         sent = time.monotonic()
 
         async def first_answer() -> Any:
@@ -379,7 +389,7 @@ class AsyncLocks:
             policy = self._runner.policy
             first = timeout if timeout is not None else policy.timeout + _seconds(wait)
             hold = await _AsyncHold.open(
-                self._runner.stubs["locks"], name, _hold_request(name, ttl, wait, owner), first
+                self._runner.stubs["locks"], name, _hold_request(name, ttl, wait, owner), first, policy.metadata
             )
             if hold.lease is None:
                 raise LockNotAcquired(name)
