@@ -121,3 +121,27 @@ def test_bad_settings_are_refused():
         TLS(cert="client.pem")
     with pytest.raises(ValueError, match="not both"):
         Client("localhost:1", tls=True, credentials=grpc.ssl_channel_credentials())
+
+
+def test_tls_and_api_key_together(tls_stack, certs, ns, tmp_path):
+    from cachecoord_client import Unauthenticated
+    from conftest import binary
+
+    made = subprocess.run([str(binary()), "keys", "new", "--id", "tls-user", "--tenant", "tls-tenant"],
+                          check=True, capture_output=True, text=True)
+    key, entry = made.stderr.strip().splitlines()[-1], made.stdout
+    keys = tmp_path / "keys.toml"
+    keys.write_text(entry)
+    redis, _ = tls_stack
+    server = _tls_server(redis, certs, "--tls-client-ca", str(certs / "client-ca.pem"), "--auth-keys-file", str(keys))
+    settings = TLS(ca=str(certs / "ca.pem"), cert=str(certs / "client.pem"), key=str(certs / "client.key"),
+                   server_name="localhost")
+    try:
+        with Client(server.target, tls=settings, api_key=key, timeout=10.0) as c:
+            assert c.cache.set(ns + "k", b"v", ttl=60)
+            assert c.cache.get(ns + "k") == b"v"
+        with Client(server.target, tls=settings, timeout=10.0, retries=0) as c:
+            with pytest.raises(Unauthenticated):
+                c.cache.get(ns + "k")
+    finally:
+        server.close()
