@@ -78,7 +78,9 @@ STOPSIGNAL SIGTERM
 
 # Exec form: distroless has no shell. The probe asks 127.0.0.1 on the port of
 # CACHECOORD_LISTEN (so it follows a changed port) over grpc.health.v1, and
-# gives up by itself after 3s.
+# gives up by itself after 3s. With CACHECOORD_TLS_CERT set it speaks TLS and
+# requires the server to present exactly that certificate;
+# CACHECOORD_HEALTHCHECK_TLS_CERT/_KEY give it a client certificate for mTLS.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
     CMD ["/usr/local/bin/cachecoord-healthcheck"]
 

@@ -226,6 +226,10 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
 
+    /// TLS on the gRPC port (--tls-*).
+    #[command(flatten)]
+    pub tls: crate::tls::TlsConfig,
+
     /// A task other than serving.
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -329,6 +333,7 @@ impl Config {
             self.stats_active_window_max >= Duration::from_millis(1),
             "--stats-active-window-max must be at least 1ms",
         );
+        bad.extend(self.tls.problems());
         if bad.is_empty() { Ok(()) } else { Err(bad.join("; ")) }
     }
 

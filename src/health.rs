@@ -48,12 +48,14 @@ pub async fn probe(redis: Redis, reporter: HealthReporter, names: Vec<&'static s
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let up = redis.ping(PROBE_TIMEOUT).await;
+        let ping = redis.ping(PROBE_TIMEOUT).await;
+        let up = ping.is_ok();
         if last != Some(up) {
-            if up {
-                tracing::info!("redis reachable: SERVING");
-            } else {
-                tracing::warn!("redis unreachable: NOT_SERVING");
+            match ping {
+                Ok(()) => tracing::info!("redis reachable: SERVING"),
+                // The reason matters most when Redis was never reached: a
+                // refused TLS certificate, a wrong password, a wrong port.
+                Err(reason) => tracing::warn!(%reason, "redis unreachable: NOT_SERVING"),
             }
             set_all(&reporter, &names, if up { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
             last = Some(up);

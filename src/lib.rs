@@ -13,6 +13,7 @@
 //! - [`health`]: grpc.health.v1 statuses that follow a Redis probe.
 //! - [`calendar`]: Stats time buckets in the configured time zone.
 //! - [`rls`]: Envoy's rate limit service: YAML config, matching, reload.
+//! - [`tls`]: TLS on the gRPC port: certificates, reloads, the accept loop.
 //!
 //! `server::run` takes the listener and a shutdown future, so tests start the
 //! real server in-process on port 0.
@@ -32,3 +33,4 @@ pub mod rls;
 pub mod server;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

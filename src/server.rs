@@ -47,6 +47,7 @@ pub async fn run(
     // (several servers in one test process) is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let redis = Redis::new(&config)?;
+    let tls = crate::tls::TlsServer::start(&config.tls)?;
     let keys = Keys::new(&config.key_prefix);
     let limits = Limits::from_config(&config);
     let auth = match &config.auth_keys_file {
@@ -161,8 +162,7 @@ pub async fn run(
     });
     let mut drained_rx = stopping_rx.clone();
 
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = Server::builder()
+    let router = Server::builder()
         .layer(
             TraceLayer::new_for_grpc()
                 .make_span_with(|request: &http::Request<_>| tracing::info_span!("rpc", method = %request.uri().path(), key = tracing::field::Empty))
@@ -182,10 +182,19 @@ pub async fn run(
         .add_service(sized!(RateLimitServiceServer::new(rate_limit)))
         .add_service(sized!(LockServiceServer::new(locks.until_stopping(stopping_rx.clone()))))
         .add_service(sized!(StatsServiceServer::new(stats)))
-        .add_optional_service(envoy.map(|envoy| sized!(EnvoyRateLimitServiceServer::new(envoy))))
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = stopping_rx.wait_for(|stopping| *stopping).await;
-        });
+        .add_optional_service(envoy.map(|envoy| sized!(EnvoyRateLimitServiceServer::new(envoy))));
+    let stopped = async move {
+        let _ = stopping_rx.wait_for(|stopping| *stopping).await;
+    };
+    // With TLS, connections come handshaken from our own accept loop (so
+    // certificates can be reloaded); otherwise straight from the listener.
+    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
+        Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener), stopped)),
+        None => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            Box::pin(router.serve_with_incoming_shutdown(incoming, stopped))
+        }
+    };
 
     let grace = config.shutdown_grace;
     tokio::select! {

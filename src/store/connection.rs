@@ -327,13 +327,14 @@ impl Redis {
         Ok(conn.check(result)?)
     }
 
-    /// True when Redis answers PING within `timeout`: on one server, on any
-    /// connection; on a cluster, on every primary.
+    /// Ok when Redis answers PING within `timeout`: on one server, on any
+    /// connection; on a cluster, on every primary. Otherwise why not (the
+    /// first slot's failure), for the log.
     ///
     /// Every slot is probed, so a connection that silently stopped answering
     /// (no close ever seen) is found and replaced even while calls are idle;
     /// health stays up while Redis answers on a fresh one.
-    pub async fn ping(&self, timeout: Duration) -> bool {
+    pub async fn ping(&self, timeout: Duration) -> std::result::Result<(), String> {
         let pool = &self.shared.pool;
         let probes = self.shared.slots.iter().map(|slot| async move {
             let probe = async {
@@ -341,15 +342,19 @@ impl Redis {
                 let result = conn.wire.ping().await;
                 Ok::<_, Error>(conn.check(result)?)
             };
-            match tokio::time::timeout(timeout, probe).await {
-                Ok(Ok(())) => true,
-                _ => {
-                    slot.retire();
-                    false
-                }
-            }
+            let failure = match tokio::time::timeout(timeout, probe).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(err)) => err.to_string(),
+                Err(_) => format!("no answer within {timeout:?}"),
+            };
+            slot.retire();
+            Err(failure)
         });
-        futures::future::join_all(probes).await.into_iter().any(|up| up)
+        let results = futures::future::join_all(probes).await;
+        match results.iter().find(|result| result.is_ok()) {
+            Some(_) => Ok(()),
+            None => results.into_iter().find_map(Result::err).map_or(Ok(()), Err),
+        }
     }
 
     /// A dedicated pub/sub connection, opened within the timeout: to the

@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod cluster;
 
 use std::{
@@ -58,6 +59,19 @@ impl RedisServer {
     /// Starts redis-server that requires `password`.
     pub async fn start_with_password(password: &str) -> Self {
         Self::start_with(&["--requirepass", password], Some(password)).await
+    }
+
+    /// Starts redis-server with a TLS port as well (`tls_port`), serving
+    /// `certs.redis` and requiring client certificates signed by `certs.ca`.
+    /// The plain port stays open, for the harness's own checks.
+    pub async fn start_tls(certs: &certs::Files) -> (Self, u16) {
+        let tls_port = free_port().to_string();
+        let path = |name: &str| certs.path(name).to_string_lossy().into_owned();
+        let (cert, key, ca) = (path("redis.pem"), path("redis.key"), path("ca.pem"));
+        let args = ["--tls-port", &tls_port, "--tls-cert-file", &cert, "--tls-key-file", &key];
+        let args = [&args[..], &["--tls-ca-cert-file", &ca, "--tls-auth-clients", "yes"]].concat();
+        let server = Self::start_with(&args, None).await;
+        (server, tls_port.parse().expect("port"))
     }
 
     /// Starts redis-server with extra arguments (and the password they set).

@@ -26,6 +26,7 @@ from .near_cache import NearCache, NearCacheStats
 from .rate_limit import Limit, LimitStatus, RateLimitResult
 from .sessions import Session
 from .stats import Series
+from .tls import TLS
 
 __all__ = [
     "AsyncClient",
@@ -51,6 +52,7 @@ __all__ = [
     "Series",
     "Serializer",
     "Session",
+    "TLS",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

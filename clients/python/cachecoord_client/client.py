@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import grpc
 
@@ -20,6 +20,7 @@ from .near_cache import AsyncWatcher, NearCacheOption, Store, SyncWatcher, setti
 from .rate_limit import AsyncRateLimits, RateLimits
 from .sessions import AsyncSessions, Sessions
 from .stats import AsyncStats, Stats
+from .tls import TLS, channel_security
 
 Options = Sequence[Tuple[str, Any]]
 
@@ -46,8 +47,10 @@ def _auth_metadata(api_key: Optional[str]) -> Optional[Tuple[Tuple[str, str], ..
 class Client:
     """A blocking client for cachecoord, safe to share between threads.
 
-    ``Client("localhost:50051")`` opens a plaintext channel; pass ``credentials`` for TLS
-    or ``channel`` to bring your own. ``timeout`` is the default deadline of every call in
+    ``Client("localhost:50051")`` opens a plaintext channel; ``tls=True`` speaks TLS
+    trusting gRPC's default roots, ``tls=TLS(ca=..., cert=..., key=...)`` with a CA and
+    client certificate of your own (or pass grpc ``credentials``, or a ``channel`` of
+    your own). ``timeout`` is the default deadline of every call in
     seconds (calls that wait server-side get that wait on top); ``retries`` is how often
     idempotent calls are retried after UNAVAILABLE. ``api_key`` is sent with every call
     (``authorization: Bearer <key>``) to a service that requires keys; without one, or
@@ -64,6 +67,7 @@ class Client:
         *,
         timeout: float = 5.0,
         retries: int = 2,
+        tls: Union[bool, TLS, None] = None,
         credentials: Optional[grpc.ChannelCredentials] = None,
         options: Optional[Options] = None,
         channel: Optional[grpc.Channel] = None,
@@ -71,10 +75,11 @@ class Client:
         near_cache: NearCacheOption = None,
     ) -> None:
         if channel is None:
+            credentials, opts = channel_security(tls, credentials, options)
             channel = (
-                grpc.secure_channel(target, credentials, options)
+                grpc.secure_channel(target, credentials, opts)
                 if credentials is not None
-                else grpc.insecure_channel(target, options)
+                else grpc.insecure_channel(target, opts)
             )
         self._channel = channel
         stubs = _stubs(channel)
@@ -120,6 +125,7 @@ class AsyncClient:
         *,
         timeout: float = 5.0,
         retries: int = 2,
+        tls: Union[bool, TLS, None] = None,
         credentials: Optional[grpc.ChannelCredentials] = None,
         options: Optional[Options] = None,
         channel: Optional[grpc.aio.Channel] = None,
@@ -127,10 +133,11 @@ class AsyncClient:
         near_cache: NearCacheOption = None,
     ) -> None:
         if channel is None:
+            credentials, opts = channel_security(tls, credentials, options)
             channel = (
-                grpc.aio.secure_channel(target, credentials, options)
+                grpc.aio.secure_channel(target, credentials, opts)
                 if credentials is not None
-                else grpc.aio.insecure_channel(target, options)
+                else grpc.aio.insecure_channel(target, opts)
             )
         self._channel = channel
         stubs = _stubs(channel)

@@ -109,11 +109,25 @@ class Server:
             [str(binary()), "--listen", self.target, "--redis-url", redis.url, *flags],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
+        if "--tls-cert" in flags:
+            # A plaintext channel never becomes ready on a TLS port: wait for the port.
+            try:
+                wait_until(self.listening, "cachecoord to listen")
+            except TimeoutError:
+                raise RuntimeError(f"cachecoord did not start:\n{self.output()}") from None
+            return
         with grpc.insecure_channel(self.target) as ch:
             try:
                 grpc.channel_ready_future(ch).result(timeout=30)
             except grpc.FutureTimeoutError:
                 raise RuntimeError(f"cachecoord did not start:\n{self.output()}") from None
+
+    def listening(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return True
+        except OSError:
+            return False
 
     def output(self) -> str:
         with open(self.log.name, encoding="utf-8", errors="replace") as f:

@@ -10,7 +10,7 @@ import pytest
 
 from cachecoord_client import AsyncClient, Client, PermissionDenied, Unauthenticated
 
-from .conftest import Redis, Server, binary, run_async
+from conftest import Redis, Server, binary, run_async
 
 
 def new_key(key_id: str, tenant: str, allow: str = "*") -> Tuple[str, str]:
