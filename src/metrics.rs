@@ -835,7 +835,9 @@ impl<B: Body> Body for CountedBody<B> {
                 // The body ended without trailers: no status was sent.
                 None => Some(tonic::Code::Unknown),
             };
-            if let (Some(code), Some(call)) = (code, this.call.take()) {
+            if let Some(code) = code
+                && let Some(call) = this.call.take()
+            {
                 call.end(code);
             }
         }

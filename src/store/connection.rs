@@ -125,6 +125,9 @@ struct Slot {
     replacing: tokio::sync::Mutex<()>,
     /// How busy the slot is, for choosing one.
     load: Arc<Load>,
+    /// A connection was lost and none has replaced it yet (for counting
+    /// reconnects).
+    lost: AtomicBool,
 }
 
 /// Calls pending on a slot, and when it last made progress.
@@ -550,9 +553,11 @@ impl Slot {
             return Ok(link.share(&self.load));
         }
         // Hand the dead connection back; the pool's check discards it.
-        let replacing = self.link.swap(None).is_some();
+        if self.link.swap(None).is_some() {
+            self.lost.store(true, Ordering::Relaxed);
+        }
         let link = pool.get().await?;
-        if replacing {
+        if self.lost.swap(false, Ordering::Relaxed) {
             pool.manager().metrics.redis_reconnect();
         }
         let conn = link.share(&self.load);
