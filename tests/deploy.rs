@@ -88,6 +88,15 @@ fn recorded_names(expr: &str) -> BTreeSet<String> {
 }
 
 #[test]
+fn the_checker_itself_finds_names_and_rejects_unknown_ones() {
+    let names = metric_names(r#"sum(rate(cachecoord_nope_total{x="cachecoord_in_a_label"}[5m])) / cachecoord:rec"#);
+    assert_eq!(names.into_iter().collect::<Vec<_>>(), ["cachecoord_nope_total"]);
+    assert!(!exported("cachecoord_nope_total"));
+    assert!(exported("grpc_server_handling_seconds_bucket"));
+    assert!(!exported("grpc_server_started_total_bucket"), "only histograms have buckets");
+}
+
+#[test]
 fn rules_parse_and_use_only_exported_metrics() {
     let rules = parse_yaml("deploy/prometheus/rules.yml");
     let groups = items(get(&rules, "groups").expect("groups"));
