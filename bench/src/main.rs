@@ -345,7 +345,7 @@ async fn metrics_compare(
     let mut rows: Vec<(usize, &str, Point)> = Vec::new();
     for round in 1..=rounds {
         // Alternate which goes first.
-        let order: Vec<usize> = if round % 2 == 1 { vec![0, 1] } else { vec![1, 0] };
+        let order = if round % 2 == 1 { [0, 1] } else { [1, 0] };
         for i in order {
             let (name, process, clients) = &instances[i];
             let point = measure(clients, Target::CacheGet, callers, args.warmup, args.duration, process.0.id()).await?;
