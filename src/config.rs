@@ -222,6 +222,11 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_SHUTDOWN_GRACE", default_value = "10s", value_parser = duration)]
     pub shutdown_grace: Duration,
 
+    /// Address serving Prometheus metrics at /metrics (plain HTTP), e.g.
+    /// 127.0.0.1:9090; unset (the default): no metrics are recorded.
+    #[arg(long, env = "CACHECOORD_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Log line format.
     #[arg(long, env = "CACHECOORD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

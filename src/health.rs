@@ -58,6 +58,9 @@ pub async fn probe(redis: Redis, reporter: HealthReporter, names: Vec<&'static s
                 Err(reason) => tracing::warn!(%reason, "redis unreachable: NOT_SERVING"),
             }
             set_all(&reporter, &names, if up { ServingStatus::Serving } else { ServingStatus::NotServing }).await;
+            for &name in &names {
+                redis.metrics().health(name, up);
+            }
             last = Some(up);
         }
     }

@@ -10,6 +10,7 @@
 //! - [`error`]: the one error type and its mapping to gRPC statuses.
 //! - [`codec`]: protobuf decoding; a request that does not decode is `INVALID_ARGUMENT`.
 //! - [`deadline`]: `DEADLINE_EXCEEDED` when the caller's deadline passes.
+//! - [`metrics`]: Prometheus metrics, the gRPC metrics layer, `/metrics`.
 //! - [`health`]: grpc.health.v1 statuses that follow a Redis probe.
 //! - [`calendar`]: Stats time buckets in the configured time zone.
 //! - [`rls`]: Envoy's rate limit service: YAML config, matching, reload.
@@ -27,6 +28,7 @@ pub mod deadline;
 pub mod error;
 pub mod health;
 pub mod keys;
+pub mod metrics;
 pub mod proto;
 pub mod reload;
 pub mod rls;

@@ -46,7 +46,8 @@ pub async fn run(
     // rediss:// needs a process-wide TLS crypto provider; installing twice
     // (several servers in one test process) is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let redis = Redis::new(&config)?;
+    let (metrics, _metrics_endpoint) = crate::metrics::start(&config).await?;
+    let redis = Redis::with_metrics(&config, metrics.clone())?;
     let tls = crate::tls::TlsServer::start(&config.tls)?;
     let keys = Keys::new(&config.key_prefix);
     let limits = Limits::from_config(&config);
@@ -115,7 +116,8 @@ pub async fn run(
     );
     // WAIT holds the connection it runs on: locks that wait for replicas get
     // connections of their own.
-    let lock_redis = if config.lock_replicas > 0 { Redis::new(&config)? } else { redis.clone() };
+    let lock_redis =
+        if config.lock_replicas > 0 { Redis::with_metrics(&config, metrics.clone())? } else { redis.clone() };
     let lock_store = LockStore::new(lock_redis, keys.clone(), config.lock_replicas);
     let locks = LockApi::new(lock_store, limits, config.lock_default_ttl);
     let cache = CacheApi::new(
@@ -172,6 +174,7 @@ pub async fn run(
                 .on_eos(())
                 .on_failure(()),
         )
+        .layer(metrics.layer())
         .layer(DeadlineLayer)
         .layer(auth)
         .add_service(health_service)

@@ -79,6 +79,11 @@ struct Args {
     /// limit of 100).
     #[arg(long, default_value_t = 5)]
     overadmission_runs: usize,
+    /// Instead of the full report: Cache.Get at 64 callers against two
+    /// instances, one with --metrics-listen and one without, in this many
+    /// interleaved rounds; prints a table (BENCHMARKS.md, "Metrics").
+    #[arg(long)]
+    metrics_compare: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -240,6 +245,9 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         format!("redis://127.0.0.1:{}", redis_ports[0])
     };
+    if let Some(rounds) = args.metrics_compare {
+        return metrics_compare(&args, rounds, dir.path(), &redis_url, &redis_ports).await;
+    }
     let grpc_port = free_port()?;
     // As deployed: the per-RPC log line at info, written to a file.
     let log = std::fs::File::create(dir.path().join("service.log"))?;
@@ -301,6 +309,83 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         std::fs::write(PathBuf::from(&args.out), report)?;
         eprintln!("wrote {}", args.out);
     }
+    Ok(())
+}
+
+/// Cache.Get at 64 callers (the issue's bar: metrics cost at most 3%)
+/// against an instance with metrics and one without, sharing one Redis,
+/// measured in interleaved rounds so that drift on a shared machine hits
+/// both alike.
+async fn metrics_compare(
+    args: &Args,
+    rounds: usize,
+    dir: &std::path::Path,
+    redis_url: &str,
+    redis_ports: &[u16],
+) -> Result<(), Box<dyn std::error::Error>> {
+    let callers = 64;
+    let mut instances = Vec::new();
+    for (name, metrics) in [("off", false), ("on", true)] {
+        let grpc_port = free_port()?;
+        let log = std::fs::File::create(dir.join(format!("service-{name}.log")))?;
+        let mut service = Command::new(std::env::current_exe()?);
+        service
+            .args(["serve", "--listen", &format!("127.0.0.1:{grpc_port}"), "--redis-url", redis_url])
+            .args(["--key-prefix", "bench"])
+            .args(&args.service_args)
+            .env("RUST_LOG", "info")
+            .stdout(log);
+        if metrics {
+            service.args(["--metrics-listen", &format!("127.0.0.1:{}", free_port()?)]);
+        }
+        let process = Process(service.spawn()?);
+        let clients = Arc::new(Clients::connect(grpc_port, redis_url, redis_ports, args.connections, None).await?);
+        instances.push((name, process, clients));
+    }
+    let mut rows: Vec<(usize, &str, Point)> = Vec::new();
+    for round in 1..=rounds {
+        // Alternate which goes first.
+        let order = if round % 2 == 1 { [0, 1] } else { [1, 0] };
+        for i in order {
+            let (name, process, clients) = &instances[i];
+            let point = measure(clients, Target::CacheGet, callers, args.warmup, args.duration, process.0.id()).await?;
+            eprintln!(
+                "round {round} metrics {name:<3}: {:>9.0}/s  p50 {:.3} ms  p99 {:.3} ms  service {:.1} µs/call",
+                point.rate(),
+                point.p(0.5),
+                point.p(0.99),
+                point.service_us()
+            );
+            rows.push((round, name, point));
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "| round | metrics | Cache.Get/s | p50 ms | p99 ms | service CPU µs/call |");
+    let _ = writeln!(out, "|---|---|---|---|---|---|");
+    for (round, name, p) in &rows {
+        let _ = writeln!(
+            out,
+            "| {round} | {name} | {:.0} | {:.3} | {:.3} | {:.1} |",
+            p.rate(),
+            p.p(0.5),
+            p.p(0.99),
+            p.service_us()
+        );
+    }
+    let total = |want: &str, f: &dyn Fn(&Point) -> f64| {
+        let values: Vec<f64> = rows.iter().filter(|(_, name, _)| *name == want).map(|(_, _, p)| f(p)).collect();
+        values.iter().sum::<f64>() / values.len().max(1) as f64
+    };
+    let (rate_off, rate_on) = (total("off", &|p| p.rate()), total("on", &|p| p.rate()));
+    let (cpu_off, cpu_on) = (total("off", &|p| p.service_us()), total("on", &|p| p.service_us()));
+    let _ = writeln!(
+        out,
+        "\nMean over {rounds} rounds: {rate_off:.0}/s off, {rate_on:.0}/s on ({:+.1}% throughput); \
+         service CPU {cpu_off:.1} → {cpu_on:.1} µs/call ({:+.1}%).",
+        (rate_on / rate_off - 1.0) * 100.0,
+        (cpu_on / cpu_off - 1.0) * 100.0
+    );
+    println!("{out}");
     Ok(())
 }
 

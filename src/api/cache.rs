@@ -8,6 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Limits, lock::stopped, to_proto_duration, wait_budget};
 use crate::{
+    metrics::{FillResult, LookupRpc},
     proto::{self, cache_service_server::CacheService},
     store::{
         cache::{CacheStore, Condition, Entry, Fetched, Write},
@@ -143,6 +144,7 @@ impl CacheService for CacheApi {
             .pop()
             .unwrap_or(Entry { value: None, ttl: None });
         let (found, value, ttl) = entry_parts(entry);
+        self.store.metrics().cache_lookups(LookupRpc::Get, u64::from(found), u64::from(!found));
         Ok(Response::new(proto::GetResponse { found, value, ttl }))
     }
 
@@ -154,6 +156,8 @@ impl CacheService for CacheApi {
         let request = request.into_inner();
         limits.keys("keys", &request.keys)?;
         let entries = self.store.get_many(&space, &request.keys).await?;
+        let hits = entries.iter().filter(|entry| entry.value.is_some()).count() as u64;
+        self.store.metrics().cache_lookups(LookupRpc::GetMany, hits, entries.len() as u64 - hits);
         let entries = request
             .keys
             .into_iter()
@@ -247,6 +251,7 @@ impl CacheService for CacheApi {
         let write = self.write(&limits, "", &request.key, &request.value, request.ttl, &request.tags)?;
         limits.key(|| "fill_token".into(), &request.fill_token)?;
         let stored = self.store.fill(&space, &write, &request.fill_token).await?;
+        self.store.metrics().cache_fill(if stored { FillResult::Stored } else { FillResult::Lost });
         Ok(Response::new(proto::FillResponse { stored }))
     }
 
@@ -259,6 +264,9 @@ impl CacheService for CacheApi {
         limits.key(|| "key".into(), &request.key)?;
         limits.key(|| "fill_token".into(), &request.fill_token)?;
         let released = self.store.abandon_fill(&space, &request.key, &request.fill_token).await?;
+        if released {
+            self.store.metrics().cache_fill(FillResult::Abandoned);
+        }
         Ok(Response::new(proto::AbandonFillResponse { released }))
     }
 
@@ -270,6 +278,7 @@ impl CacheService for CacheApi {
         let request = request.into_inner();
         limits.keys("tags", &request.tags)?;
         let invalidated = self.store.invalidate_tags(&space, &request.tags).await?;
+        self.store.metrics().cache_invalidated(u64::from(invalidated));
         Ok(Response::new(proto::InvalidateTagsResponse { invalidated }))
     }
 }

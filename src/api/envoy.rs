@@ -154,6 +154,12 @@ impl RateLimitService for EnvoyRateLimitApi {
         // Redis down is UNAVAILABLE (never an OK or UNKNOWN overall code), so
         // Envoy's failure_mode_deny decides.
         let decisions = self.store.check_each(&space, &parts).await?;
+        self.store.count(crate::metrics::LimitApi::Envoy, parts.iter().map(|part| &part.limit), |i| {
+            match decisions.get(i) {
+                Some(d) if d.allowed => crate::metrics::Decision::Allowed,
+                _ => crate::metrics::Decision::Denied,
+            }
+        });
         let statuses = rls::answer(&request.domain, &plan, &decisions);
         let over = statuses.iter().any(|s| s.over);
         Ok(Response::new(RateLimitResponse {

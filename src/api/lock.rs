@@ -283,6 +283,7 @@ impl Holding {
                     match self.store.extend(&self.space, &self.name, &self.grant.lease_id, self.ttl).await {
                         Ok(Some(floor)) => {
                             lease_floor = floor;
+                            self.store.metrics().lock_hold(crate::metrics::HoldEvent::Renewed);
                             next_renewal = Instant::now() + interval;
                             let validity = valid_for(floor, Instant::now());
                             self.event(HoldEvent::Renewed, Some(validity));
@@ -312,6 +313,7 @@ impl Holding {
 
     /// Tells the client the lease is gone; the stream then ends with OK.
     fn lost(self) {
+        self.store.metrics().lock_hold(crate::metrics::HoldEvent::Lost);
         let _ = self.tx.try_send(Ok(proto::HoldResponse {
             event: HoldEvent::Lost.into(),
             acquired: false,

@@ -7,6 +7,7 @@ use tonic::{Request, Response, Status};
 use super::{Limits, to_proto_duration};
 use crate::{
     error::Error,
+    metrics::{Decision, LimitApi},
     proto::{self, rate_limit_service_server::RateLimitService},
     store::rate_limit::{Algorithm, Limit, RateLimitStore},
 };
@@ -124,6 +125,7 @@ impl RateLimitService for RateLimitApi {
             Ok(decisions) => decisions,
             Err(Error::Unavailable(detail)) if self.fail_open => {
                 tracing::warn!(%detail, "redis unavailable; rate limit check failed open");
+                self.store.count(LimitApi::Check, &limits, |_| Decision::Unchecked);
                 let statuses = limits
                     .iter()
                     .map(|limit| proto::LimitStatus { key: limit.key.to_string(), allowed: true, ..Default::default() })
@@ -137,6 +139,11 @@ impl RateLimitService for RateLimitApi {
             }
             Err(err) => return Err(err.into()),
         };
+        let verdict = |i: usize| match decisions.get(i) {
+            Some(d) if d.allowed => Decision::Allowed,
+            _ => Decision::Denied,
+        };
+        self.store.count(LimitApi::Check, &limits, verdict);
         let allowed = decisions.iter().all(|d| d.allowed);
         let retry_after = decisions.iter().map(|d| d.retry_after).max().unwrap_or_default();
         let statuses = limits

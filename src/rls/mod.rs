@@ -17,7 +17,7 @@
 
 pub mod config;
 pub mod reload;
-mod yaml;
+pub mod yaml;
 
 use std::{collections::HashMap, time::Duration};
 

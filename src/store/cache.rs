@@ -161,6 +161,11 @@ impl CacheStore {
         Self { redis, keys, channel, waiters, scripts, listener, invalidations }
     }
 
+    /// Where the handlers record cache hits and fills.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        self.redis.metrics()
+    }
+
     /// The key space without a tenant; `Keys::tenant` derives a tenant's.
     pub fn keys(&self) -> &Keys {
         &self.keys
@@ -316,12 +321,35 @@ impl CacheStore {
         fill_timeout: Duration,
         max_wait: Duration,
     ) -> Result<Fetched> {
+        use crate::metrics::FetchOutcome;
+        let started = Instant::now();
+        let fetched = self.fetch_waiting(space, key, fill_timeout, max_wait).await?;
+        let waited = fetched.1.then(|| started.elapsed());
+        let outcome = match (&fetched.0, waited.is_some()) {
+            (Fetched::Hit(_), false) => FetchOutcome::Hit,
+            (Fetched::Fill(_), false) => FetchOutcome::Fill,
+            (Fetched::Hit(_), true) => FetchOutcome::WaitedHit,
+            (Fetched::Fill(_), true) => FetchOutcome::WaitedFill,
+            (Fetched::Timeout, _) => FetchOutcome::Timeout,
+        };
+        self.redis.metrics().cache_fetch(outcome, waited);
+        Ok(fetched.0)
+    }
+
+    /// [`CacheStore::fetch`], and whether it waited for another caller.
+    async fn fetch_waiting(
+        self: &Arc<Self>,
+        space: &Keys,
+        key: &str,
+        fill_timeout: Duration,
+        max_wait: Duration,
+    ) -> Result<(Fetched, bool)> {
         let deadline = Instant::now() + max_wait;
         let entry_key = space.cache_entry(key);
         let lease_key = space.cache_lease(key);
         match self.try_fetch(&entry_key, &lease_key, fill_timeout).await? {
-            Attempt::Done(fetched) => return Ok(fetched),
-            Attempt::Leased(_) if Instant::now() >= deadline => return Ok(Fetched::Timeout),
+            Attempt::Done(fetched) => return Ok((fetched, false)),
+            Attempt::Leased(_) if Instant::now() >= deadline => return Ok((Fetched::Timeout, true)),
             Attempt::Leased(_) => {}
         }
         // Register, then read again: a fill between the first read and the
@@ -332,15 +360,15 @@ impl CacheStore {
             // (the attempt's guard).
             let attempt = tokio::time::timeout_at(deadline, self.try_fetch(&entry_key, &lease_key, fill_timeout));
             let lease_ttl = match attempt.await {
-                Err(_) => return Ok(Fetched::Timeout),
+                Err(_) => return Ok((Fetched::Timeout, true)),
                 Ok(attempt) => match attempt? {
-                    Attempt::Done(fetched) => return Ok(fetched),
+                    Attempt::Done(fetched) => return Ok((fetched, true)),
                     Attempt::Leased(ttl) => ttl,
                 },
             };
             let now = Instant::now();
             if now >= deadline {
-                return Ok(Fetched::Timeout);
+                return Ok((Fetched::Timeout, true));
             }
             // Wake on a fill event, or when the lease runs out and passes on.
             let wake_at = deadline.min(now + lease_ttl + Duration::from_millis(1));

@@ -45,7 +45,7 @@ use std::{
 };
 
 use arc_swap::ArcSwapOption;
-use deadpool::managed::{self, Metrics, Object, RecycleError, RecycleResult};
+use deadpool::managed::{self, Object, RecycleError, RecycleResult};
 use deadpool_redis::Runtime;
 use redis::{
     AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue, IntoConnectionInfo, ProtocolVersion,
@@ -65,6 +65,7 @@ use super::topology::{Auth, Node, Topology};
 use crate::{
     config::Config,
     error::{Error, Result},
+    metrics::{self, Metrics},
 };
 
 /// A bounded-time handle on Redis, cheap to clone.
@@ -100,6 +101,8 @@ struct Shared {
     in_flight: Arc<Semaphore>,
     /// Upper bound on one operation, connecting included.
     timeout: Duration,
+    /// Where calls, errors and connections are counted (the one place).
+    metrics: Metrics,
 }
 
 /// The topology, ready to connect.
@@ -122,6 +125,9 @@ struct Slot {
     replacing: tokio::sync::Mutex<()>,
     /// How busy the slot is, for choosing one.
     load: Arc<Load>,
+    /// A connection was lost and none has replaced it yet (for counting
+    /// reconnects).
+    lost: AtomicBool,
 }
 
 /// Calls pending on a slot, and when it last made progress.
@@ -142,6 +148,8 @@ pub struct Link {
     /// Raised by redis-rs's disconnection push or by a call that saw the
     /// connection fail; never lowered.
     closed: Arc<AtomicBool>,
+    /// Counts the connection open until the pool drops it.
+    metrics: Metrics,
 }
 
 /// A multiplexed connection to one server, or a cluster connection.
@@ -175,6 +183,8 @@ struct InFlight {
     epoch: Instant,
     /// The connection the command went out on, until it lands.
     fence: Option<Wire>,
+    /// Counts the command in flight until its place is given back.
+    metrics: Metrics,
 }
 
 /// What a call sends.
@@ -187,6 +197,12 @@ impl Redis {
     /// Builds the handle. No connection is opened yet: the service starts
     /// while Redis is down and reports it through health.
     pub fn new(config: &Config) -> Result<Self, String> {
+        Self::with_metrics(config, Metrics::off())
+    }
+
+    /// Like [`Redis::new`], recording into `metrics` (which the stores
+    /// reach through [`Redis::metrics`]).
+    pub fn with_metrics(config: &Config, metrics: Metrics) -> Result<Self, String> {
         let topology = Topology::parse(&config.redis_url).map_err(|e| format!("--redis-url {e}"))?;
         let certificates = tls_certificates(config)?;
         let kind = Arc::new(Kind::new(topology, certificates, config)?);
@@ -197,7 +213,7 @@ impl Redis {
             .set_response_timeout(Some(FENCE_MAX))
             .set_pipeline_buffer_size(config.redis_max_in_flight);
         let connections = config.redis_connections;
-        let manager = Manager { kind: Arc::clone(&kind), connection };
+        let manager = Manager { kind: Arc::clone(&kind), connection, metrics: metrics.clone() };
         let pool = managed::Pool::builder(manager)
             .max_size(connections)
             .wait_timeout(Some(config.redis_timeout))
@@ -215,8 +231,15 @@ impl Redis {
             epoch: Instant::now(),
             in_flight: Arc::new(Semaphore::new(config.redis_max_in_flight)),
             timeout: config.redis_timeout,
+            metrics,
         };
         Ok(Self { shared: Arc::new(shared) })
+    }
+
+    /// The metrics this handle records into; the stores record their
+    /// domain events here too.
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
     }
 
     /// Runs a script (EVALSHA, loading it on first use or after a restart).
@@ -309,6 +332,8 @@ impl Redis {
             .acquire_owned()
             .await
             .map_err(|_| Error::Internal("in-flight places closed".into()))?;
+        let metrics = &self.shared.metrics;
+        let started = metrics.redis_start();
         let load = &conn.load;
         if load.pending.fetch_add(1, Ordering::AcqRel) == 0 {
             load.progress_us.store(self.now_us(), Ordering::Release);
@@ -318,12 +343,18 @@ impl Redis {
             load: Arc::clone(load),
             epoch: self.shared.epoch,
             fence: Some(conn.wire.clone()),
+            metrics: metrics.clone(),
         };
+        let is_script = matches!(call, Call::Script(_));
         let result = match call {
             Call::Script(script) => script.invoke_async(&mut conn.wire).await,
             Call::Cmd(cmd) => cmd.query_async(&mut conn.wire).await,
         };
         flight.land();
+        metrics.redis_done(started, is_script);
+        if let Err(err) = &result {
+            metrics.redis_error(metrics::RedisError::of(err));
+        }
         Ok(conn.check(result)?)
     }
 
@@ -434,9 +465,10 @@ impl Redis {
 
     async fn bounded<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
         let timeout = self.shared.timeout;
-        tokio::time::timeout(timeout, op)
-            .await
-            .unwrap_or_else(|_| Err(Error::Unavailable(format!("no reply within {timeout:?}"))))
+        tokio::time::timeout(timeout, op).await.unwrap_or_else(|_| {
+            self.shared.metrics.redis_error(metrics::RedisError::Timeout);
+            Err(Error::Unavailable(format!("no reply within {timeout:?}")))
+        })
     }
 }
 
@@ -567,8 +599,13 @@ impl Slot {
             return Ok(link.share(&self.load));
         }
         // Hand the dead connection back; the pool's check discards it.
-        self.link.store(None);
+        if self.link.swap(None).is_some() {
+            self.lost.store(true, Ordering::Relaxed);
+        }
         let link = pool.get().await?;
+        if self.lost.swap(false, Ordering::Relaxed) {
+            pool.manager().metrics.redis_reconnect();
+        }
         let conn = link.share(&self.load);
         self.link.store(Some(Arc::new(link)));
         Ok(conn)
@@ -653,21 +690,28 @@ impl InFlight {
     /// The reply is in: give the place back now.
     fn land(mut self) {
         self.fence = None;
+        self.metrics.redis_landed();
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        let landed = self.fence.is_none();
         let (Some(mut wire), Ok(runtime)) = (self.fence.take(), tokio::runtime::Handle::try_current()) else {
             self.load.answered(self.epoch);
+            if !landed {
+                self.metrics.redis_landed();
+            }
             return;
         };
         // Given up before the reply: Redis still has the command. Hold the
         // place until a PING behind it is answered (replies come in order).
         let (permit, load, epoch) = (self.permit.take(), Arc::clone(&self.load), self.epoch);
+        let metrics = std::mem::take(&mut self.metrics);
         runtime.spawn(async move {
             let _ = tokio::time::timeout(FENCE_MAX, wire.ping()).await;
             load.answered(epoch);
+            metrics.redis_landed();
             drop(permit);
         });
     }
@@ -696,6 +740,8 @@ struct Manager {
     kind: Arc<Kind>,
     /// Timeouts and buffering of each single-server connection.
     connection: AsyncConnectionConfig,
+    /// Counts connections opened, failed and replaced.
+    metrics: Metrics,
 }
 
 impl managed::Manager for Manager {
@@ -703,6 +749,22 @@ impl managed::Manager for Manager {
     type Error = RedisError;
 
     async fn create(&self) -> Result<Link, RedisError> {
+        let link = self.open().await;
+        match &link {
+            Ok(_) => self.metrics.redis_connections(1.0),
+            Err(_) => self.metrics.redis_error(metrics::RedisError::Connect),
+        }
+        link
+    }
+
+    async fn recycle(&self, link: &mut Link, _: &managed::Metrics) -> RecycleResult<RedisError> {
+        if link.is_open() { Ok(()) } else { Err(RecycleError::message("connection closed")) }
+    }
+}
+
+impl Manager {
+    /// A new connection with its closed flag wired to redis-rs's pushes.
+    async fn open(&self) -> Result<Link, RedisError> {
         let closed = Arc::new(AtomicBool::new(false));
         let flag = Arc::clone(&closed);
         let config = self.connection.clone().set_push_sender(move |push: PushInfo| {
@@ -723,10 +785,12 @@ impl managed::Manager for Manager {
             }
             Kind::Cluster { client, .. } => Wire::Cluster(client.get_async_connection().await?),
         };
-        Ok(Link { wire, closed })
+        Ok(Link { wire, closed, metrics: self.metrics.clone() })
     }
+}
 
-    async fn recycle(&self, link: &mut Link, _: &Metrics) -> RecycleResult<RedisError> {
-        if link.is_open() { Ok(()) } else { Err(RecycleError::message("connection closed")) }
+impl Drop for Link {
+    fn drop(&mut self) {
+        self.metrics.redis_connections(-1.0);
     }
 }

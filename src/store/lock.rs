@@ -101,6 +101,11 @@ impl LockStore {
         Self { redis, keys, channel, waiters, scripts, replicas, listener }
     }
 
+    /// Where the Hold task records renewals and losses.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        self.redis.metrics()
+    }
+
     /// The key space without a tenant; `Keys::tenant` derives a tenant's.
     pub fn keys(&self) -> &Keys {
         &self.keys
@@ -120,14 +125,36 @@ impl LockStore {
         ttl: Duration,
         deadline: Option<Instant>,
     ) -> Result<Option<Grant>> {
+        use crate::metrics::Acquired;
+        let started = Instant::now();
+        let (grant, waited) = self.acquire_waiting(space, name, owner, ttl, deadline).await?;
+        let result = match (&grant, waited) {
+            (Some(_), false) => Acquired::Immediate,
+            (Some(_), true) => Acquired::AfterWait,
+            (None, true) => Acquired::TimedOut,
+            (None, false) => Acquired::Busy,
+        };
+        self.redis.metrics().lock_acquire(result, started.elapsed());
+        Ok(grant)
+    }
+
+    /// [`LockStore::acquire`], and whether it waited for the lock.
+    async fn acquire_waiting(
+        self: &Arc<Self>,
+        space: &Keys,
+        name: &str,
+        owner: &str,
+        ttl: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<(Option<Grant>, bool)> {
         let key = space.lock(name);
         let fence = space.lock_fence(name);
         let lease_id = random_token();
         let deadline = match self.attempt(&key, &fence, &lease_id, owner, ttl).await? {
-            Attempt::Taken(grant) => return Ok(Some(grant)),
+            Attempt::Taken(grant) => return Ok((Some(grant), false)),
             Attempt::Held(_) => match deadline {
                 Some(deadline) if deadline > Instant::now() => deadline,
-                _ => return Ok(None),
+                _ => return Ok((None, false)),
             },
         };
         // Register, then try again: a release between the first attempt and
@@ -135,12 +162,12 @@ impl LockStore {
         let mut wait = self.waiters.register(&key);
         loop {
             let held_for = match self.attempt(&key, &fence, &lease_id, owner, ttl).await? {
-                Attempt::Taken(grant) => return Ok(Some(grant)),
+                Attempt::Taken(grant) => return Ok((Some(grant), true)),
                 Attempt::Held(held_for) => held_for,
             };
             let now = Instant::now();
             if now >= deadline {
-                return Ok(None);
+                return Ok((None, true));
             }
             // Wake on a release, or just after the holder's lease runs out
             // (PTTL is truncated to whole ms, so one more ms is past it).

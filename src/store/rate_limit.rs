@@ -33,6 +33,15 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
+    /// The algorithm as a metrics label.
+    pub fn label(self) -> crate::metrics::Algorithm {
+        match self {
+            Self::FixedWindow => crate::metrics::Algorithm::FixedWindow,
+            Self::SlidingWindow => crate::metrics::Algorithm::SlidingWindow,
+            Self::TokenBucket => crate::metrics::Algorithm::TokenBucket,
+        }
+    }
+
     /// The letter the script knows the algorithm by.
     fn code(self) -> &'static str {
         match self {
@@ -129,6 +138,21 @@ impl RateLimitStore {
     /// The key space without a tenant; `Keys::tenant` derives a tenant's.
     pub fn keys(&self) -> &Keys {
         &self.keys
+    }
+
+    /// Counts one decision per limit, under its algorithm, for `api`.
+    pub fn count<'a>(
+        &self,
+        api: crate::metrics::LimitApi,
+        limits: impl IntoIterator<Item = &'a Limit<'a>>,
+        decision: impl Fn(usize) -> crate::metrics::Decision,
+    ) {
+        let metrics = self.redis.metrics();
+        if metrics.enabled() {
+            for (i, limit) in limits.into_iter().enumerate() {
+                metrics.rate_limit(api, limit.algorithm.label(), decision(i));
+            }
+        }
     }
 
     /// Decides `cost` against every limit and, unless `peek` or any limit

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
 use deadpool_redis::redis::{self, Script, Value};
+
+use crate::metrics::{SessionEvent, TokenEvent};
 use sha2::{Digest, Sha256};
 
 use super::{Redis, millis};
@@ -159,6 +161,9 @@ impl SessionStore {
                         created_at_ms: *created,
                         expires_at_ms: *expires,
                     };
+                    let metrics = self.redis.metrics();
+                    metrics.sessions(SessionEvent::Created, 1);
+                    metrics.sessions(SessionEvent::Evicted, evicted.len() as u64);
                     return Ok(Created { session, evicted });
                 }
                 _ => return Err(unexpected("create", &reply)),
@@ -252,7 +257,10 @@ impl SessionStore {
         call.arg(expires_at_ms).arg(millis(self.max_revocation));
         let outcome: i64 = self.redis.invoke(&call).await?;
         match outcome {
-            1 => Ok(Revocation::Stored),
+            1 => {
+                self.redis.metrics().tokens(TokenEvent::Revoked, 1);
+                Ok(Revocation::Stored)
+            }
             0 => Ok(Revocation::AlreadyExpired),
             -1 => Ok(Revocation::TooFar),
             other => Err(Error::Internal(format!("revoke returned {other}"))),
@@ -272,7 +280,9 @@ impl SessionStore {
         if values.len() != tokens.len() {
             return Err(Error::Internal(format!("MGET returned {} values for {} keys", values.len(), tokens.len())));
         }
-        Ok(values.into_iter().map(|value| value.is_some()).collect())
+        let revoked: Vec<bool> = values.into_iter().map(|value| value.is_some()).collect();
+        self.redis.metrics().tokens(TokenEvent::RevokedHit, revoked.iter().filter(|&&r| r).count() as u64);
+        Ok(revoked)
     }
 }
 

@@ -143,6 +143,7 @@ impl StatsStore {
                 totals[i] = total;
             }
         }
+        self.redis.metrics().stats_increments(deltas.len() as u64);
         Ok(totals)
     }
 
