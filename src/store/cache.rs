@@ -1,4 +1,5 @@
-//! Cache operations: one script invocation (one round trip) per call.
+//! Cache operations: one script call per hash slot, split into bounded
+//! chunks when a request is large (`SCRIPT_STEPS`, `SCRIPT_VALUE_BYTES`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -15,6 +16,9 @@ use crate::{
     error::{Error, Result},
     keys::Keys,
 };
+
+/// A tag index's name and the entries (with their TTLs) to record in it.
+type IndexMembers<'a> = (&'a str, &'a [(&'a str, Duration)]);
 
 macro_rules! write_script {
     ($file:literal) => {
@@ -549,8 +553,8 @@ impl CacheStore {
     /// more entries is split over calls), a few at a time; the earliest Redis
     /// time the calls counted the scores from (an entry that expires at that
     /// time plus its ttl expires no later than any index member for it).
-    async fn record(&self, indexes: Vec<(&str, &[(&str, Duration)])>) -> Result<u64> {
-        let mut runs: Vec<Vec<(&str, &[(&str, Duration)])>> = Vec::new();
+    async fn record(&self, indexes: Vec<IndexMembers<'_>>) -> Result<u64> {
+        let mut runs: Vec<Vec<IndexMembers<'_>>> = Vec::new();
         for group in self.redis.slot_groups(indexes.iter().map(|(index, _)| *index)) {
             let (mut run, mut steps) = (Vec::new(), 0);
             for i in group {
