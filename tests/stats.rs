@@ -572,8 +572,8 @@ async fn bad_input_is_rejected_naming_the_field_and_writes_nothing() {
 
     // The limits themselves are accepted.
     stats.increment(IncrementRequest { deltas: vec![delta(&max, 1)] }).await.unwrap();
-    let batch = (0..1000).map(|i| delta(&format!("n{i}"), 1)).collect();
-    assert_eq!(stats.increment(IncrementRequest { deltas: batch }).await.unwrap().into_inner().values.len(), 1000);
+    let batch = (0..100).map(|i| delta(&format!("n{i}"), 1)).collect();
+    assert_eq!(stats.increment(IncrementRequest { deltas: batch }).await.unwrap().into_inner().values.len(), 100);
     stats.add_unique(AddUniqueRequest { name: "u".into(), members: vec![max.clone(); 1000] }).await.unwrap();
     stats.mark_active(MarkActiveRequest { group: max.clone(), member: max }).await.unwrap();
 }

@@ -511,7 +511,17 @@ async fn guarantees_hold(server: &TestServer, token_before: u64) {
 
 async fn fence_token(server: &TestServer) -> u64 {
     let request = AcquireRequest { name: "fence".into(), ttl: ms(5_000), wait: None, owner: String::new() };
-    let grant = server.locks().acquire(request).await.unwrap().into_inner();
+    // The locks' own Redis handle connects on first use, and connecting, the
+    // script and WAIT share one --redis-timeout (500 ms here): on a loaded
+    // machine the first attempt may be UNAVAILABLE, as a caller would see it.
+    let mut attempts = 0;
+    let grant = loop {
+        match server.locks().acquire(request.clone()).await {
+            Ok(grant) => break grant.into_inner(),
+            Err(status) if status.code() == tonic::Code::Unavailable && attempts < 5 => attempts += 1,
+            Err(status) => panic!("acquire: {status:?}"),
+        }
+    };
     server.locks().release(ReleaseRequest { name: "fence".into(), lease_id: grant.lease_id }).await.unwrap();
     grant.fencing_token
 }
