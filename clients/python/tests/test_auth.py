@@ -65,9 +65,11 @@ def test_tenants_with_the_same_names_never_meet(secured) -> None:
         alpha.cache.set("shared", b"alpha's")
         assert beta.cache.get("shared") is None
         beta.cache.set("shared", b"beta's")
-        assert alpha.cache.get("shared").value == b"alpha's"
+        assert alpha.cache.get("shared") == b"alpha's"
         # A Hold stream presents the key too, and the lock names are per tenant.
-        with alpha.locks.hold("job", ttl=5.0) as mine, beta.locks.hold("job", ttl=5.0) as theirs:
+        with alpha.locks.lock("job", ttl=5.0, auto_renew=True) as mine, beta.locks.lock(
+            "job", ttl=5.0, auto_renew=True
+        ) as theirs:
             assert mine.fencing_token >= 1 and theirs.fencing_token >= 1
 
 
@@ -77,8 +79,8 @@ def test_the_async_client_presents_its_key(secured) -> None:
     async def body(_client: AsyncClient) -> None:
         async with AsyncClient(server.target, api_key=alpha_key) as client:
             await client.cache.set("async", b"v")
-            assert (await client.cache.get("async")).value == b"v"
-            async with client.locks.hold("async-job", ttl=5.0) as lease:
+            assert await client.cache.get("async") == b"v"
+            async with client.locks.lock("async-job", ttl=5.0, auto_renew=True) as lease:
                 assert lease.fencing_token >= 1
         async with AsyncClient(server.target) as anonymous:
             with pytest.raises(Unauthenticated):
@@ -99,9 +101,9 @@ def test_the_near_cache_watch_presents_the_key(secured) -> None:
             assert time.monotonic() < deadline, "the watch never came into force"
             time.sleep(0.01)
         alpha.cache.set("near", b"1")
-        assert alpha.cache.get("near") == b"1"
-        assert alpha.cache.get("near") == b"1"
-        assert alpha.cache.near_stats.hits >= 1
+        while alpha.cache.near_stats.hits < 1:  # kept once no invalidation raced the read
+            assert alpha.cache.get("near") == b"1"
+            assert time.monotonic() < deadline, "never answered from the near cache"
         beta.cache.set("near", b"beta's")  # another tenant's key: never on alpha's stream (tests/invalidation.rs)
         assert alpha.cache.get("near") == b"1"
         alpha.cache.set("near", b"2")  # alpha's own write invalidates alpha's entry

@@ -100,7 +100,7 @@ class _AlwaysUnavailable:
     def __init__(self) -> None:
         self.deadlines: List[float] = []
 
-    def Method(self, request: Any, timeout: float) -> Any:
+    def Method(self, request: Any, timeout: float, metadata: Any = None) -> Any:
         self.deadlines.append(timeout)
         raise _Err(grpc.StatusCode.UNAVAILABLE)
 

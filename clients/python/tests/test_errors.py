@@ -69,7 +69,7 @@ class _FlakyStub:
         self.failures = failures
         self.calls = 0
 
-    def Method(self, request, timeout):
+    def Method(self, request, timeout, metadata=None):
         self.calls += 1
         if self.calls <= self.failures:
             raise _Err(grpc.StatusCode.UNAVAILABLE)
@@ -118,8 +118,8 @@ def test_async_runner_retries_idempotent_calls_only():
     from cachecoord_client._core import AsyncRunner
 
     class AsyncFlaky(_FlakyStub):
-        async def Method(self, request, timeout):  # type: ignore[override]
-            return super().Method(request, timeout)
+        async def Method(self, request, timeout, metadata=None):  # type: ignore[override]
+            return super().Method(request, timeout, metadata)
 
     async def main():
         stub = AsyncFlaky(failures=1)
