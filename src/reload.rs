@@ -69,24 +69,27 @@ where
     Ok(rx)
 }
 
+/// A SIGHUP listener, if one could be registered.
 #[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
+pub(crate) type Hangup = Option<tokio::signal::unix::Signal>;
 #[cfg(not(unix))]
-type Hangup = Option<()>;
+pub(crate) type Hangup = Option<()>;
 
+/// Registers for SIGHUP (before the server is up, so a SIGHUP never meets
+/// the default action, which ends the process).
 #[cfg(unix)]
-fn hangup() -> Hangup {
+pub(crate) fn hangup() -> Hangup {
     use tokio::signal::unix::{SignalKind, signal};
     signal(SignalKind::hangup()).map_err(|err| tracing::warn!(%err, "no SIGHUP reload")).ok()
 }
 
 #[cfg(not(unix))]
-fn hangup() -> Hangup {
+pub(crate) fn hangup() -> Hangup {
     None
 }
 
 /// Resolves at the next SIGHUP; never without a handler.
-async fn next_hangup(hangup: &mut Hangup) {
+pub(crate) async fn next_hangup(hangup: &mut Hangup) {
     #[cfg(unix)]
     if let Some(signal) = hangup
         && signal.recv().await.is_some()

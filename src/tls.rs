@@ -117,7 +117,7 @@ impl TlsServer {
         let current = Arc::new(ArcSwap::from_pointee(server_config));
         // Registered before returning, so a SIGHUP sent once the server is up
         // never meets the default action (which ends the process).
-        let hangup = hangup();
+        let hangup = crate::reload::hangup();
         tokio::spawn(keep_current(Arc::downgrade(&current), files, config.clone(), contents, hangup));
         Ok(Some(Self { current, handshake_timeout: config.tls_handshake_timeout }))
     }
@@ -278,14 +278,14 @@ async fn keep_current(
     files: Files,
     config: TlsConfig,
     mut last: Contents,
-    mut hangup: Hangup,
+    mut hangup: crate::reload::Hangup,
 ) {
     // The last failure logged, so a broken file is logged once, not every poll.
     let mut last_failure: Option<String> = None;
     let poll = config.tls_reload_poll;
     loop {
         let forced = tokio::select! {
-            () = next_hangup(&mut hangup) => true,
+            () = crate::reload::next_hangup(&mut hangup) => true,
             () = tokio::time::sleep(poll), if !poll.is_zero() => false,
         };
         // The server is gone.
@@ -312,34 +312,6 @@ async fn keep_current(
             }
         }
     }
-}
-
-#[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
-#[cfg(not(unix))]
-type Hangup = Option<()>;
-
-#[cfg(unix)]
-fn hangup() -> Hangup {
-    use tokio::signal::unix::{SignalKind, signal};
-    signal(SignalKind::hangup()).map_err(|err| tracing::warn!(%err, "no SIGHUP reload of TLS files")).ok()
-}
-
-#[cfg(not(unix))]
-fn hangup() -> Hangup {
-    None
-}
-
-/// Resolves at the next SIGHUP; never without a handler.
-async fn next_hangup(hangup: &mut Hangup) {
-    #[cfg(unix)]
-    if let Some(signal) = hangup
-        && signal.recv().await.is_some()
-    {
-        return;
-    }
-    let _ = hangup;
-    std::future::pending::<()>().await;
 }
 
 /// What the logs and handlers need from a certificate.
