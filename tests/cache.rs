@@ -262,7 +262,7 @@ async fn tag_bookkeeping_expires_with_its_entries() {
     let mut cache = server.cache();
     let request = SetRequest { ttl: ms(80), tags: vec!["t".into()], ..set("k", b"v") };
     cache.set(request).await.unwrap();
-    assert_eq!(stored_keys(&redis, &server).await.len(), 3, "entry, its tag list, the tag index");
+    assert_eq!(stored_keys(&redis, &server).await.len(), 4, "entry, its tag list, the tag index and its floor");
 
     // Every key carries an expiry no later than the entry's.
     let mut conn = redis.client().await;
@@ -299,7 +299,14 @@ async fn deleted_or_untagged_entries_leave_their_tag_index_by_their_old_expiry()
     let invalidated = cache.invalidate_tags(InvalidateTagsRequest { tags: vec!["t".into()] }).await.unwrap();
     assert_eq!(invalidated.into_inner().invalidated, 0, "nothing is under the tag any more");
     assert!(cache.get(get("b")).await.unwrap().into_inner().found);
-    assert_eq!(stored_keys(&redis, &server).await, vec![server.cache_key("b")]);
+    // The invalidation forgot the members; the index's floor (the highest
+    // score it gave) expires with the old entries too.
+    let floor = format!("{index}:floor");
+    let mut left = stored_keys(&redis, &server).await;
+    left.sort();
+    assert_eq!(left, vec![server.cache_key("b"), floor.clone()]);
+    let pttl: i64 = redis.client().await.pttl(&floor).await.unwrap();
+    assert!((1..=60_000).contains(&pttl), "the floor expires with the old entries: {pttl}");
 }
 
 #[tokio::test]
@@ -526,7 +533,11 @@ async fn delete_and_invalidate_of_many_entries_take_every_one() {
     assert_eq!(deleted, 500, "more keys than one delete script takes; only the live ones count");
     let invalidated = cache.invalidate_tags(InvalidateTagsRequest { tags: vec!["wide".into()] }).await.unwrap();
     assert_eq!(invalidated.into_inner().invalidated, 2000);
-    assert!(stored_keys(&redis, &server).await.is_empty(), "entries, tag lists and the index are gone");
+    assert_eq!(
+        stored_keys(&redis, &server).await,
+        vec![format!("{}:tag:{{wide}}:floor", server.prefix)],
+        "entries, tag lists and the index are gone; the index's floor expires with the scores it gave"
+    );
 }
 
 /// InvalidateTags works in steps; its guarantee is that no entry written
@@ -572,4 +583,61 @@ async fn entries_written_before_an_invalidation_are_gone_after_it_despite_concur
     for writer in writers {
         writer.await.unwrap();
     }
+}
+
+/// A tagged write racing invalidations of its tag stays findable: once the
+/// writes and invalidations stop, one more InvalidateTags leaves none of
+/// their entries. (An invalidation that read a member just before a write
+/// re-recorded it, deleted the old entry, then dropped the member after the
+/// new entry landed, used to leave that entry out of the index for good.)
+#[tokio::test]
+async fn tagged_rewrites_racing_invalidations_are_all_found_by_the_next_one() {
+    use std::sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    };
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let keys: Vec<String> = (0..8).map(|i| format!("k{i}")).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (mut cache, keys) = (server.cache(), keys.clone());
+            tokio::spawn(async move {
+                for n in 0..300u64 {
+                    // TTLs vary, so a rewrite may record a shorter expiry
+                    // than the member already has.
+                    let ttl = 30_000 + (n * 7919 + w * 104_729) % 30_000;
+                    let key = keys[((n + w) % keys.len() as u64) as usize].clone();
+                    let write = SetRequest { ttl: ms(ttl), tags: vec!["t".into()], ..set(&key, b"v") };
+                    cache.set(write).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    let invalidators: Vec<_> = (0..2)
+        .map(|_| {
+            let (mut cache, stop) = (server.cache(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let mut calls = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    cache.invalidate_tags(InvalidateTagsRequest { tags: vec!["t".into()] }).await.unwrap();
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for invalidator in invalidators {
+        assert!(invalidator.await.unwrap() > 0);
+    }
+    let mut cache = server.cache();
+    cache.invalidate_tags(InvalidateTagsRequest { tags: vec!["t".into()] }).await.unwrap();
+    let entries = cache.get_many(GetManyRequest { keys: keys.clone() }).await.unwrap().into_inner().entries;
+    let survivors: Vec<&String> = keys.iter().zip(&entries).filter(|(_, e)| e.found).map(|(k, _)| k).collect();
+    assert!(survivors.is_empty(), "entries the last invalidation missed: {survivors:?}");
 }

@@ -17,8 +17,9 @@ use crate::{
     keys::Keys,
 };
 
-/// A tag index's name and the entries (with their TTLs) to record in it.
-type IndexMembers<'a> = (&'a str, &'a [(&'a str, Duration)]);
+/// A tag index's name and the entries (with their expiries, Unix ms) to
+/// record in it.
+type IndexMembers<'a> = (&'a str, &'a [(&'a str, u64)]);
 
 macro_rules! write_script {
     ($file:literal) => {
@@ -128,7 +129,7 @@ struct Scripts {
     fetch: Script,
     fill: Script,
     abandon_fill: Script,
-    /// Records entries in tag indexes (before they are written).
+    /// Records written entries in tag indexes.
     tag_index: Script,
     /// Deletes the entries of one slot still under the invalidated tags.
     invalidate_entries: Script,
@@ -224,31 +225,31 @@ impl CacheStore {
         Ok(entries)
     }
 
-    /// Writes one entry; false when the condition did not hold. With tags,
-    /// the entry is first recorded in its tag indexes (a second round trip,
-    /// since the indexes live in other slots).
+    /// Writes one entry; false when the condition did not hold. A tagged
+    /// entry is then recorded in its tag indexes (a second round trip, since
+    /// the indexes live in other slots).
     pub async fn set(&self, space: &Keys, write: &Write<'_>, condition: Condition) -> Result<bool> {
-        let recorded = self.record_tags(space, std::slice::from_ref(write)).await?;
         let mut call = self.scripts.set.prepare_invoke();
         call.key(space.cache_entry(write.key));
-        call.arg(&self.channel).arg(write.value);
-        expiry_args(&mut call, write, recorded);
+        call.arg(&self.channel).arg(write.value).arg(millis(write.ttl));
         call.arg(match condition {
             Condition::Always => "",
             Condition::IfAbsent => "NX",
             Condition::IfPresent => "XX",
         });
         self.tag_args(space, &mut call, write.tags);
-        let stored: i64 = self.redis.invoke(&call).await?;
-        Ok(stored == 1)
+        let expiry: u64 = self.redis.invoke(&call).await?;
+        if expiry > 0 {
+            self.record_tags(space, std::slice::from_ref(write), &[expiry]).await?;
+        }
+        Ok(expiry > 0)
     }
 
-    /// Writes every entry (after recording their tags); one script call per
-    /// hash slot and bounded run of entries (at most [`SCRIPT_VALUE_BYTES`]
-    /// of values and tag names, or one entry, and [`SCRIPT_STEPS`] entries
-    /// and tags), a few at a time. Returns how many.
+    /// Writes every entry, then records the tagged ones in their indexes;
+    /// one script call per hash slot and bounded run of entries (at most
+    /// [`SCRIPT_VALUE_BYTES`] of values and tag names, or one entry, and
+    /// [`SCRIPT_STEPS`] entries and tags), a few at a time. Returns how many.
     pub async fn set_many(&self, space: &Keys, writes: &[Write<'_>]) -> Result<u32> {
-        let recorded = self.record_tags(space, writes).await?;
         let entry_keys: Vec<String> = writes.iter().map(|w| space.cache_entry(w.key)).collect();
         let cost = |i: usize| {
             let write = &writes[i];
@@ -262,20 +263,33 @@ impl CacheStore {
             .iter()
             .flat_map(|group| bounded_runs(group, cost))
             .collect();
-        let entry_keys = &entry_keys;
-        let calls = groups.iter().map(|group| async move {
-            let mut call = self.scripts.set_many.prepare_invoke();
-            call.arg(&self.channel);
-            for &i in group {
-                let write = &writes[i];
-                call.key(&entry_keys[i]).arg(write.value);
-                expiry_args(&mut call, write, recorded);
-                call.arg(write.tags.len());
-                self.tag_args(space, &mut call, write.tags);
+        let calls = groups.iter().map(|group| {
+            let entry_keys = &entry_keys;
+            async move {
+                let mut call = self.scripts.set_many.prepare_invoke();
+                call.arg(&self.channel);
+                for &i in group {
+                    let write = &writes[i];
+                    call.key(&entry_keys[i]).arg(write.value).arg(millis(write.ttl));
+                    call.arg(write.tags.len());
+                    self.tag_args(space, &mut call, write.tags);
+                }
+                let expiries: Vec<u64> = self.redis.invoke(&call).await?;
+                if expiries.len() != group.len() {
+                    return Err(Error::Internal(format!("set_many wrote {} of {}", expiries.len(), group.len())));
+                }
+                Ok(expiries)
             }
-            self.redis.invoke::<u32>(&call).await
         });
-        Ok(at_most_a_few(calls.collect()).await?.into_iter().sum())
+        let written = at_most_a_few(calls.collect()).await?;
+        let mut expiries = vec![0; writes.len()];
+        for (group, group_expiries) in groups.iter().zip(written) {
+            for (&i, expiry) in group.iter().zip(group_expiries) {
+                expiries[i] = expiry;
+            }
+        }
+        self.record_tags(space, writes, &expiries).await?;
+        Ok(writes.len() as u32)
     }
 
     /// Deletes entries; returns how many existed. One script call per hash
@@ -286,30 +300,32 @@ impl CacheStore {
     }
 
     /// Sets a new TTL on a live entry; false when there is none. A tagged
-    /// entry's indexes are extended first (two more round trips), so an index
-    /// never expires before its entry.
+    /// entry's new expiry is then recorded in its indexes (one more round
+    /// trip), as after a write.
     pub async fn touch(&self, space: &Keys, key: &str, ttl: Duration) -> Result<bool> {
         let entry_key = space.cache_entry(key);
         let mut call = self.scripts.touch.prepare_invoke();
-        call.key(&entry_key).arg("PX").arg(millis(ttl));
+        call.key(&entry_key).arg(millis(ttl));
         let reply: Vec<Value> = self.redis.invoke(&call).await?;
-        let indexes = match reply.split_first() {
-            Some((Value::Int(0 | 1), [])) => return Ok(reply[0] == Value::Int(1)),
-            Some((Value::Int(2), tags)) => tags
-                .iter()
-                .map(|tag| match tag {
-                    Value::BulkString(name) => Ok(String::from_utf8_lossy(name).into_owned()),
-                    other => Err(Error::Internal(format!("touch returned tag {other:?}"))),
-                })
-                .collect::<Result<Vec<_>>>()?,
+        let (expiry, indexes) = match reply.split_first() {
+            None => return Ok(false),
+            Some((Value::Int(expiry), tags)) => {
+                let indexes = tags
+                    .iter()
+                    .map(|tag| match tag {
+                        Value::BulkString(name) => Ok(String::from_utf8_lossy(name).into_owned()),
+                        other => Err(Error::Internal(format!("touch returned tag {other:?}"))),
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                (u64::try_from(*expiry).unwrap_or(0), indexes)
+            }
             _ => return Err(Error::Internal(format!("touch returned {reply:?}"))),
         };
-        let entries = [(entry_key.as_str(), ttl)];
-        let now = self.record(indexes.iter().map(|index| (index.as_str(), &entries[..])).collect()).await?;
-        let mut call = self.scripts.touch.prepare_invoke();
-        call.key(&entry_key).arg("PXAT").arg(now.saturating_add(millis(ttl)));
-        let reply: Vec<Value> = self.redis.invoke(&call).await?;
-        Ok(reply.first() == Some(&Value::Int(1)))
+        if !indexes.is_empty() {
+            let entries = [(entry_key.as_str(), expiry)];
+            self.record(indexes.iter().map(|index| (index.as_str(), &entries[..])).collect()).await?;
+        }
+        Ok(true)
     }
 
     /// The stampede-safe read: a hit, the fill lease, or, after waiting up to
@@ -424,16 +440,18 @@ impl CacheStore {
         }
     }
 
-    /// Stores a value under a fill lease; false when the lease is not current.
+    /// Stores a value under a fill lease; false when the lease is not
+    /// current. A tagged entry is then recorded in its indexes.
     pub async fn fill(&self, space: &Keys, write: &Write<'_>, token: &str) -> Result<bool> {
-        let recorded = self.record_tags(space, std::slice::from_ref(write)).await?;
         let mut call = self.scripts.fill.prepare_invoke();
         call.key(space.cache_entry(write.key)).key(space.cache_lease(write.key));
-        call.arg(&self.channel).arg(token).arg(write.value);
-        expiry_args(&mut call, write, recorded);
+        call.arg(&self.channel).arg(token).arg(write.value).arg(millis(write.ttl));
         self.tag_args(space, &mut call, write.tags);
-        let stored: i64 = self.redis.invoke(&call).await?;
-        Ok(stored == 1)
+        let expiry: u64 = self.redis.invoke(&call).await?;
+        if expiry > 0 {
+            self.record_tags(space, std::slice::from_ref(write), &[expiry]).await?;
+        }
+        Ok(expiry > 0)
     }
 
     /// Releases a fill lease without a value; false when it is not current.
@@ -452,10 +470,12 @@ impl CacheStore {
     /// with, keeping any a write re-recorded meanwhile; until the scan ends.
     ///
     /// The guarantee: an entry whose write completed before this call began
-    /// is in the index (writes record tags first) and stays there until an
-    /// invalidation deals with it or it expires, and a scan returns every
-    /// member present from its start to its end; so it is gone when this
-    /// returns. Entries written during the call may or may not survive. An
+    /// is in the index (a write records its entry before it answers) and
+    /// stays there until it expires or an invalidation that read the member
+    /// after that record forgets it, having first deleted the entry (a forget
+    /// drops only a member no record changed since it was read); a scan
+    /// returns every member present from its start to its end; so the entry
+    /// is gone when this returns. Entries written during the call may or may not survive. An
     /// interrupted invalidation may have deleted some entries and leaves the
     /// index members of the others for the next one: a retry completes it.
     pub async fn invalidate_tags(&self, space: &Keys, tags: &[String]) -> Result<u32> {
@@ -525,35 +545,39 @@ impl CacheStore {
         Ok(at_most_a_few(calls.collect()).await?.into_iter().sum())
     }
 
-    /// Records each write's entry in the indexes of its tags, before the
-    /// entries are written; `None` when no write has tags, else the Redis
-    /// time from which the tagged entries' expiries are counted.
-    async fn record_tags(&self, space: &Keys, writes: &[Write<'_>]) -> Result<Option<u64>> {
+    /// Records each written entry in the indexes of its tags, at its expiry
+    /// (`expiries[i]` for `writes[i]`, as the write script returned it).
+    ///
+    /// After the write, not before: an invalidation that read the index
+    /// before this record and deleted the entry's previous version may
+    /// forget the member only if no record changed it since, and every
+    /// record does (`tag_index.lua`). Recorded first, a member could be
+    /// forgotten between the record and a write landing after the delete,
+    /// leaving the new entry in no index.
+    async fn record_tags(&self, space: &Keys, writes: &[Write<'_>], expiries: &[u64]) -> Result<()> {
         if writes.iter().all(|w| w.tags.is_empty()) {
-            return Ok(None);
+            return Ok(());
         }
         let entry_keys: Vec<String> = writes.iter().map(|w| space.cache_entry(w.key)).collect();
-        let mut by_index: Vec<(String, Vec<(&str, Duration)>)> = Vec::new();
+        let mut by_index: Vec<(String, Vec<(&str, u64)>)> = Vec::new();
         let mut position: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        for (write, entry) in writes.iter().zip(&entry_keys) {
+        for ((write, entry), &expiry) in writes.iter().zip(&entry_keys).zip(expiries) {
             for tag in write.tags {
                 let i = *position.entry(tag.as_str()).or_insert_with(|| {
                     by_index.push((space.cache_tag(tag), Vec::new()));
                     by_index.len() - 1
                 });
-                by_index[i].1.push((entry, write.ttl));
+                by_index[i].1.push((entry, expiry));
             }
         }
         let indexes = by_index.iter().map(|(index, entries)| (index.as_str(), &entries[..])).collect();
-        Ok(Some(self.record(indexes).await?))
+        self.record(indexes).await
     }
 
-    /// Runs tag_index.lua for `(index, entries with their ttl)`, one call
+    /// Runs tag_index.lua for `(index, entries with their expiry)`, one call
     /// per hash slot and run of at most [`SCRIPT_STEPS`] members (an index of
-    /// more entries is split over calls), a few at a time; the earliest Redis
-    /// time the calls counted the scores from (an entry that expires at that
-    /// time plus its ttl expires no later than any index member for it).
-    async fn record(&self, indexes: Vec<IndexMembers<'_>>) -> Result<u64> {
+    /// more entries is split over calls), a few at a time.
+    async fn record(&self, indexes: Vec<IndexMembers<'_>>) -> Result<()> {
         let mut runs: Vec<Vec<IndexMembers<'_>>> = Vec::new();
         for group in self.redis.slot_groups(indexes.iter().map(|(index, _)| *index)) {
             let (mut run, mut steps) = (Vec::new(), 0);
@@ -585,14 +609,14 @@ impl CacheStore {
             let mut call = self.scripts.tag_index.prepare_invoke();
             for (index, entries) in run {
                 call.key(*index).arg(entries.len());
-                for (entry, ttl) in *entries {
-                    call.arg(*entry).arg(millis(*ttl));
+                for (entry, expiry) in *entries {
+                    call.arg(*entry).arg(*expiry);
                 }
             }
-            self.redis.invoke::<u64>(&call).await
+            self.redis.invoke::<()>(&call).await
         });
-        let times = at_most_a_few(calls.collect()).await?;
-        times.into_iter().min().ok_or_else(|| Error::Internal("no tag index recorded".into()))
+        at_most_a_few(calls.collect()).await?;
+        Ok(())
     }
 
     /// Appends the tag-index key names of `tags` to a script's arguments.
@@ -659,15 +683,6 @@ impl Drop for LeaseGuard {
 enum Attempt {
     Done(Fetched),
     Leased(Duration),
-}
-
-/// A write script's expiry arguments: in `ttl` for an untagged entry; for a
-/// tagged one, at `recorded + ttl`, the instant its tag indexes were given.
-fn expiry_args(call: &mut redis::ScriptInvocation<'_>, write: &Write<'_>, recorded: Option<u64>) {
-    match recorded {
-        Some(now) if !write.tags.is_empty() => call.arg("PXAT").arg(now.saturating_add(millis(write.ttl))),
-        _ => call.arg("PX").arg(millis(write.ttl)),
-    };
 }
 
 /// The entries of one get.lua reply (value and PTTL per key); `None` for

@@ -4,8 +4,8 @@
 -- fill lease token; E..':tags' is the set of the tag-index key names the
 -- entry was written with, expiring with it. Both share E's hash tag, so they
 -- are in E's slot. Tag indexes live in the tags' own slots and are kept by
--- separate calls (tag_index.lua, invalidate_entries.lua): a script never
--- reaches outside its entry's slot.
+-- separate calls (tag_index.lua after the write, invalidate_entries.lua): a
+-- script never reaches outside its entry's slot.
 --
 -- Scripts, not MULTI: each write reads state (the lease, a condition) and
 -- decides what to write from it, in one atomic step.
@@ -31,17 +31,20 @@ local function unlink_tags(e)
   redis.call('UNLINK', e .. ':tags')
 end
 
--- Writes entry `e` to expire as `mode` ('PX': in `ms`; 'PXAT': at Unix ms
--- `ms`, the instant its tag indexes were given) with the names of its tag
--- indexes (replacing any it had), then voids its fill lease.
-local function write_entry(e, value, mode, ms, tags, channel)
-  redis.call('SET', e, value, mode, ms)
+-- Writes entry `e` to expire in `ttl` ms with the names of its tag indexes
+-- (replacing any it had), then voids its fill lease. Returns the entry's
+-- expiry, Unix ms: the caller records a tagged entry in its indexes after
+-- this, at that expiry (see tag_index.lua).
+local function write_entry(e, value, ttl, tags, channel)
+  redis.call('SET', e, value, 'PX', ttl)
   unlink_tags(e)
+  local expiry = redis.call('PEXPIRETIME', e)
   if #tags > 0 then
     redis.call('SADD', e .. ':tags', unpack(tags))
-    redis.call('PEXPIREAT', e .. ':tags', redis.call('PEXPIRETIME', e))
+    redis.call('PEXPIREAT', e .. ':tags', expiry)
   end
   void_lease(e, channel)
+  return expiry
 end
 
 -- Deletes entry `e` with its tags and lease; returns 1 if it existed.

@@ -1,27 +1,19 @@
--- Gives an existing entry a new expiry.
+-- Gives an existing entry (and its tag list) a new expiry.
 -- KEYS[1]: entry key.
--- ARGV: 'PX' and a ttl ms, only if the entry has no tags; or 'PXAT' and the
---       Unix ms its tag indexes were given (the second call for a tagged
---       entry).
--- Returns: {0} when there is no entry; {1} when its expiry was set; {2, its
--- tag-index key names} when it has tags and 'PX' was asked: nothing was
--- changed, and the caller first extends those indexes, then calls again
--- with 'PXAT' (so an index never expires before its entries).
+-- ARGV[1]: ttl ms.
+-- Returns: {} when there is no entry; else {its new expiry (Unix ms), then
+-- its tag-index key names}: the caller then records the new expiry in those
+-- indexes (tag_index.lua), as after a write.
 local e = KEYS[1]
--- Touched before anything is written (see cache_lib.lua's on_this_node).
-if redis.call('EXISTS', e, e .. ':tags') == 0 then
-  return {0}
+on_this_node(e)
+if redis.call('PEXPIRE', e, ARGV[1]) == 0 then
+  return {}
 end
+local expiry = redis.call('PEXPIRETIME', e)
 local tags = e .. ':tags'
-if ARGV[1] == 'PX' then
-  local names = redis.call('SMEMBERS', tags)
-  if #names > 0 then
-    table.insert(names, 1, 2)
-    return names
-  end
-  redis.call('PEXPIRE', e, ARGV[2])
-  return {1}
+local names = redis.call('SMEMBERS', tags)
+if #names > 0 then
+  redis.call('PEXPIREAT', tags, expiry)
 end
-redis.call('PEXPIREAT', e, ARGV[2])
-redis.call('PEXPIREAT', tags, ARGV[2])
-return {1}
+table.insert(names, 1, expiry)
+return names

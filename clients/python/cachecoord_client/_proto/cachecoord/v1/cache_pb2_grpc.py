@@ -215,7 +215,8 @@ class CacheServiceServicer(object):
         is not one atomic step; the guarantee: no entry written before the call
         began is readable after it returns OK. Entries written while it runs may
         or may not survive. On an error some entries may already be deleted; a
-        retry completes the invalidation.
+        retry completes the invalidation. A tagged write that failed may have
+        stored its entry without recording it under its tags: retry the write.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
