@@ -368,9 +368,17 @@ async fn default_limits_hold_at_and_past_the_boundary() {
     assert_invalid(cache.delete(DeleteRequest { keys: keys_1001.clone() }).await, "keys");
     assert!(cache.invalidate_tags(InvalidateTagsRequest { tags: keys_1000.clone() }).await.is_ok());
     assert_invalid(cache.invalidate_tags(InvalidateTagsRequest { tags: keys_1001.clone() }).await, "tags");
-    let tagged_1000 = SetRequest { tags: keys_1000.clone(), ..set("many-tags", b"v") };
-    assert!(cache.set(tagged_1000).await.unwrap().into_inner().stored);
-    assert_invalid(cache.set(SetRequest { tags: keys_1001, ..set("too-many-tags", b"v") }).await, "tags");
+    // An entry's tags: at most 100 (--cache-max-tags; its write is one script).
+    let tagged_100 = SetRequest { tags: keys_1000[..100].to_vec(), ..set("many-tags", b"v") };
+    assert!(cache.set(tagged_100).await.unwrap().into_inner().stored);
+    let tagged_101 = SetRequest { tags: keys_1000[..101].to_vec(), ..set("too-many-tags", b"v") };
+    assert_invalid(cache.set(tagged_101).await, "tags: must have at most 100 items (--cache-max-tags)");
+    let item_101 = SetItem { key: "i".into(), value: b"v".to_vec(), ttl: None, tags: keys_1000[..101].to_vec() };
+    assert_invalid(
+        cache.set_many(SetManyRequest { items: vec![item_101] }).await,
+        "items[0].tags: must have at most 100 items (--cache-max-tags)",
+    );
+    assert!(!cache.get(get("too-many-tags")).await.unwrap().into_inner().found, "nothing written");
 
     let item = |i: usize| SetItem { key: format!("item{i}"), value: b"v".to_vec(), ttl: None, tags: vec![] };
     let items: Vec<SetItem> = (0..1000).map(item).collect();
@@ -477,34 +485,31 @@ async fn set_many_beyond_one_scripts_bounds_writes_every_item_and_tag() {
     let redis = RedisServer::start().await;
     let server = TestServer::start(&redis).await;
     let mut cache = server.cache();
-    // 4 values of 300 KiB (over the bytes of one script) and 3 items of 600
+    // 4 values of 300 KiB (over the bytes of one script) and 12 items of 100
     // tags (over the steps of one script and of one tag_index call).
-    let tags: Vec<String> = (0..600).map(|i| format!("t{i}")).collect();
+    let tags: Vec<String> = (0..100).map(|i| format!("t{i}")).collect();
     let mut items: Vec<SetItem> = (0..4u8)
         .map(|i| SetItem { key: format!("big{i}"), value: vec![i; 300 << 10], ttl: ms(60_000), tags: vec![] })
         .collect();
-    items.extend((0..3).map(|i| SetItem {
-        key: format!("tagged{i}"),
-        value: b"v".to_vec(),
-        ttl: ms(60_000),
-        tags: tags.clone(),
-    }));
+    let tagged =
+        |i: usize| SetItem { key: format!("tagged{i}"), value: b"v".to_vec(), ttl: ms(60_000), tags: tags.clone() };
+    items.extend((0..12).map(tagged));
     let stored = cache.set_many(SetManyRequest { items }).await.unwrap().into_inner().stored;
-    assert_eq!(stored, 7);
+    assert_eq!(stored, 16);
     for i in 0..4u8 {
         let got = cache.get(get(&format!("big{i}"))).await.unwrap().into_inner();
         assert_eq!(got.value, vec![i; 300 << 10]);
     }
-    // Every tag reaches every tagged entry: the last tag, then the first.
-    for tag in ["t599", "t0"] {
-        for i in 0..3 {
-            cache.set(SetRequest { tags: tags.clone(), ..set(&format!("tagged{i}"), b"v") }).await.unwrap();
-        }
+    // Every tag reaches every tagged entry: the last tag, then (after
+    // writing them again) the first.
+    for tag in ["t99", "t0"] {
         let invalidated = cache.invalidate_tags(InvalidateTagsRequest { tags: vec![tag.into()] }).await.unwrap();
-        assert_eq!(invalidated.into_inner().invalidated, 3, "{tag}");
-        for i in 0..3 {
+        assert_eq!(invalidated.into_inner().invalidated, 12, "{tag}");
+        for i in 0..12 {
             assert!(!cache.get(get(&format!("tagged{i}"))).await.unwrap().into_inner().found);
         }
+        let items = (0..12).map(tagged).collect();
+        cache.set_many(SetManyRequest { items }).await.unwrap();
     }
 }
 
@@ -640,4 +645,21 @@ async fn tagged_rewrites_racing_invalidations_are_all_found_by_the_next_one() {
     let entries = cache.get_many(GetManyRequest { keys: keys.clone() }).await.unwrap().into_inner().entries;
     let survivors: Vec<&String> = keys.iter().zip(&entries).filter(|(_, e)| e.found).map(|(k, _)| k).collect();
     assert!(survivors.is_empty(), "entries the last invalidation missed: {survivors:?}");
+}
+
+#[tokio::test]
+async fn an_entrys_tags_are_bounded_by_cache_max_tags() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start_with(&redis, &["--cache-max-tags", "3"]).await;
+    let mut cache = server.cache();
+    let tags = |n: usize| (0..n).map(|i| format!("t{i}")).collect::<Vec<_>>();
+    assert!(cache.set(SetRequest { tags: tags(3), ..set("three", b"v") }).await.unwrap().into_inner().stored);
+    assert_invalid(
+        cache.set(SetRequest { tags: tags(4), ..set("four", b"v") }).await,
+        "tags: must have at most 3 items (--cache-max-tags)",
+    );
+    assert!(!cache.get(get("four")).await.unwrap().into_inner().found, "nothing written");
+    // InvalidateTags names tags, not an entry's: the batch limit applies.
+    let invalidated = cache.invalidate_tags(InvalidateTagsRequest { tags: tags(10) }).await.unwrap();
+    assert_eq!(invalidated.into_inner().invalidated, 1);
 }

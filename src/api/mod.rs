@@ -29,6 +29,8 @@ pub struct Limits {
     pub max_rate_limits: usize,
     /// Most deltas in one Stats Increment (one script).
     pub max_deltas: usize,
+    /// Most tags on one cache entry (its write is one script).
+    pub max_tags: usize,
 }
 
 impl Limits {
@@ -41,6 +43,7 @@ impl Limits {
             max_ttl: config.max_ttl,
             max_rate_limits: config.rate_limit_max_limits,
             max_deltas: config.stats_max_deltas,
+            max_tags: config.cache_max_tags,
         }
     }
 
@@ -216,6 +219,7 @@ mod tests {
             max_ttl: Duration::from_secs(60),
             max_rate_limits: 2,
             max_deltas: 2,
+            max_tags: 2,
         }
     }
 

@@ -194,6 +194,7 @@ pub fn entry(id: &str, tenant: &str, allow: &[String]) -> Result<(String, String
         max_ttl: Duration::from_secs(1),
         max_rate_limits: 1,
         max_deltas: 1,
+        max_tags: 1,
     };
     KeyRing::parse(&entry, &limits)?;
     Ok((key, entry))
@@ -264,6 +265,7 @@ mod tests {
             max_ttl: Duration::from_secs(30 * 86_400),
             max_rate_limits: 200,
             max_deltas: 100,
+            max_tags: 100,
         }
     }
 

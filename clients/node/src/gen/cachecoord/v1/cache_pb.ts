@@ -191,8 +191,8 @@ export type SetRequest = Message<"cachecoord.v1.SetRequest"> & {
   condition: SetCondition;
 
   /**
-   * Tags for InvalidateTags, replacing any tags the entry had. At most 1,000
-   * tags, each 1..512 bytes; duplicates are ignored.
+   * Tags for InvalidateTags, replacing any tags the entry had. At most 100
+   * tags (by default), each 1..512 bytes; duplicates are ignored.
    *
    * @generated from field: repeated string tags = 5;
    */
@@ -789,8 +789,8 @@ export const FetchOutcomeSchema: GenEnum<FetchOutcome> = /*@__PURE__*/
  * the others wait for it.
  *
  * Limits (server configuration; defaults shown): a key is 1..512 bytes, a
- * value at most 1 MiB, a batch (keys, items, tags) at most 1,000 entries, a
- * TTL positive and at most 30 days. A request that breaks one fails with
+ * value at most 1 MiB, a batch (keys, items, tags) at most 1,000 entries, an
+ * entry's tags at most 100, a TTL positive and at most 30 days. A request that breaks one fails with
  * INVALID_ARGUMENT naming the field and the rule, and nothing is written.
  * Redis serves every client from one thread, so the service splits large
  * requests into Redis scripts of bounded work (at most 512 KiB of values, or

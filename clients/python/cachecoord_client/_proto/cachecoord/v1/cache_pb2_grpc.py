@@ -32,8 +32,8 @@ class CacheServiceStub(object):
     the others wait for it.
 
     Limits (server configuration; defaults shown): a key is 1..512 bytes, a
-    value at most 1 MiB, a batch (keys, items, tags) at most 1,000 entries, a
-    TTL positive and at most 30 days. A request that breaks one fails with
+    value at most 1 MiB, a batch (keys, items, tags) at most 1,000 entries, an
+    entry's tags at most 100, a TTL positive and at most 30 days. A request that breaks one fails with
     INVALID_ARGUMENT naming the field and the rule, and nothing is written.
     Redis serves every client from one thread, so the service splits large
     requests into Redis scripts of bounded work (at most 512 KiB of values, or
@@ -114,8 +114,8 @@ class CacheServiceServicer(object):
     the others wait for it.
 
     Limits (server configuration; defaults shown): a key is 1..512 bytes, a
-    value at most 1 MiB, a batch (keys, items, tags) at most 1,000 entries, a
-    TTL positive and at most 30 days. A request that breaks one fails with
+    value at most 1 MiB, a batch (keys, items, tags) at most 1,000 entries, an
+    entry's tags at most 100, a TTL positive and at most 30 days. A request that breaks one fails with
     INVALID_ARGUMENT naming the field and the rule, and nothing is written.
     Redis serves every client from one thread, so the service splits large
     requests into Redis scripts of bounded work (at most 512 KiB of values, or
@@ -324,8 +324,8 @@ class CacheService(object):
     the others wait for it.
 
     Limits (server configuration; defaults shown): a key is 1..512 bytes, a
-    value at most 1 MiB, a batch (keys, items, tags) at most 1,000 entries, a
-    TTL positive and at most 30 days. A request that breaks one fails with
+    value at most 1 MiB, a batch (keys, items, tags) at most 1,000 entries, an
+    entry's tags at most 100, a TTL positive and at most 30 days. A request that breaks one fails with
     INVALID_ARGUMENT naming the field and the rule, and nothing is written.
     Redis serves every client from one thread, so the service splits large
     requests into Redis scripts of bounded work (at most 512 KiB of values, or
