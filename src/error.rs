@@ -24,10 +24,6 @@ pub enum Error {
     /// Redis could not be reached in time; safe to retry.
     #[error("redis unavailable: {0}")]
     Unavailable(String),
-    /// The RPC cannot work on this deployment (a near-cache watch on Redis
-    /// Cluster); the text says why and reaches the client.
-    #[error("{0}")]
-    Unsupported(&'static str),
     /// A bug: an unexpected reply or state.
     #[error("internal error: {0}")]
     Internal(String),
@@ -89,7 +85,6 @@ impl From<Error> for Status {
                 tracing::warn!(%detail, "redis unavailable");
                 Status::unavailable("redis is unavailable; retry later")
             }
-            Error::Unsupported(why) => Status::unimplemented(why),
             Error::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Status::internal("internal error")

@@ -265,14 +265,10 @@ async fn stats_rpcs(server: &TestServer) {
     assert_eq!(unique.unwrap().into_inner().count, 2);
 }
 
-/// WatchInvalidations: reports a write on one server and through Sentinel;
-/// refuses on a cluster (tracking is per node; ARCHITECTURE.md).
-async fn watch_rpc(server: &TestServer, supported: bool) {
+/// WatchInvalidations reports a write (on a cluster, see also
+/// `a_cluster_watch_sees_every_master_and_ends_when_the_masters_change`).
+async fn watch_rpc(server: &TestServer) {
     let watch = server.cache().watch_invalidations(WatchInvalidationsRequest { prefixes: vec!["w:".into()] }).await;
-    if !supported {
-        assert_eq!(watch.expect_err("unsupported").code(), Code::Unimplemented);
-        return;
-    }
     let mut stream = watch.unwrap().into_inner();
     let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("in time").unwrap();
     assert!(first.expect("first message").keys.is_empty());
@@ -281,9 +277,9 @@ async fn watch_rpc(server: &TestServer, supported: bool) {
     assert_eq!(change.expect("a change").keys, vec!["w:1".to_string()]);
 }
 
-async fn every_rpc(redis: &impl Target, watch_supported: bool) {
+async fn every_rpc(redis: &impl Target) {
     let server = TestServer::start(redis).await;
-    watch_rpc(&server, watch_supported).await;
+    watch_rpc(&server).await;
     cache_rpcs(&server).await;
     session_rpcs(&server).await;
     rate_limit_rpcs(&server).await;
@@ -293,7 +289,7 @@ async fn every_rpc(redis: &impl Target, watch_supported: bool) {
 
 #[tokio::test]
 async fn every_rpc_on_one_server() {
-    every_rpc(&RedisServer::start().await, true).await;
+    every_rpc(&RedisServer::start().await).await;
 }
 
 #[tokio::test]
@@ -302,12 +298,75 @@ async fn every_rpc_on_a_cluster() {
     let masters: std::collections::BTreeSet<u16> =
         futures::future::join_all(SPREAD.map(|key| cluster.master_of(key))).await.into_iter().collect();
     assert_eq!(masters.len(), 3, "the spread keys land on three masters");
-    every_rpc(&cluster, false).await;
+    every_rpc(&cluster).await;
+}
+
+/// The keys of a watch's next message, or its end.
+async fn next_keys(
+    stream: &mut tonic::Streaming<cachecoord::proto::WatchInvalidationsResponse>,
+) -> Result<Option<Vec<String>>, tonic::Status> {
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("a change in time");
+    next.map(|message| message.map(|m| m.keys))
+}
+
+/// Keys changed through one instance reach a watch on another whichever
+/// master holds them; a fail-over ends the watch (a new master is not yet
+/// tracked), and a new watch then sees writes on the promoted master.
+#[tokio::test]
+async fn a_cluster_watch_sees_every_master_and_ends_when_the_masters_change() {
+    let cluster = RedisCluster::start().await;
+    let writer = TestServer::start(&cluster).await;
+    let watcher = TestServer::start_sibling(&cluster, &writer).await;
+    let watch = || async {
+        let request = WatchInvalidationsRequest { prefixes: SPREAD.map(String::from).to_vec() };
+        let mut stream = watcher.cache().watch_invalidations(request).await?.into_inner();
+        // The first message says tracking is on.
+        let first = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.expect("in time")?;
+        assert!(first.expect("first message").keys.is_empty());
+        Ok::<_, tonic::Status>(stream)
+    };
+    let mut stream = watch().await.unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for key in SPREAD {
+        writer.cache().set(set(key, b"v", &[])).await.unwrap();
+    }
+    while seen.len() < SPREAD.len() {
+        seen.extend(next_keys(&mut stream).await.unwrap().expect("open"));
+    }
+    assert_eq!(seen, SPREAD.map(String::from).into_iter().collect());
+
+    cluster.failover("a").await;
+    // Ended within the topology poll (plus the cluster's own agreement).
+    loop {
+        match next_keys(&mut stream).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the watch ended without a status"),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                break;
+            }
+        }
+    }
+    // A new watch tracks the new masters (the first tries may meet the
+    // cluster still settling).
+    let mut stream = loop {
+        match watch().await {
+            Ok(stream) => break stream,
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        }
+    };
+    loop {
+        match writer.cache().set(set("a", b"after", &[])).await {
+            Ok(_) => break,
+            Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+        }
+    }
+    assert_eq!(next_keys(&mut stream).await.unwrap().expect("open"), vec!["a".to_string()]);
 }
 
 #[tokio::test]
 async fn every_rpc_through_sentinel() {
-    every_rpc(&RedisSentinel::start().await, true).await;
+    every_rpc(&RedisSentinel::start().await).await;
 }
 
 #[tokio::test]

@@ -111,8 +111,26 @@ enum Kind {
     Standalone(redis::Client),
     /// The master the sentinels name (asked again at every connect).
     Sentinel(tokio::sync::Mutex<SentinelClient>),
-    /// A Redis Cluster, and a client per seed node for pub/sub.
-    Cluster { client: ClusterClient, seeds: Vec<redis::Client> },
+    /// A Redis Cluster, a client per seed node for pub/sub, and how to reach
+    /// any node (for the masters' tracking connections).
+    Cluster { client: ClusterClient, seeds: Vec<redis::Client>, nodes: Box<NodeClients> },
+}
+
+/// What a client of one cluster node needs besides its address.
+struct NodeClients {
+    auth: Auth,
+    tls: bool,
+    certificates: Option<TlsCertificates>,
+}
+
+impl NodeClients {
+    fn client(&self, node: &Node) -> RedisResult<redis::Client> {
+        let info = node_info(node, &self.auth, self.tls)?;
+        match &self.certificates {
+            Some(certificates) if self.tls => redis::Client::build_with_tls(info, certificates.clone()),
+            _ => redis::Client::open(info),
+        }
+    }
 }
 
 /// One shared connection, or none until the first call (or after a failure).
@@ -414,15 +432,16 @@ impl Redis {
         .await
     }
 
-    /// A dedicated connection whose RESP3 pushes (client-side tracking
-    /// invalidations, and `Disconnection` when its socket closes) go to
-    /// `pushes`, opened within the timeout: to the server or the current
-    /// Sentinel master. `None` on Redis Cluster, where tracking is per node
-    /// (see `store/invalidation.rs`).
-    pub async fn push_connection(
+    /// Dedicated connections whose RESP3 pushes (client-side tracking
+    /// invalidations, and `Disconnection` when a socket closes) go to
+    /// `pushes`, opened within the timeout: to the server, the current
+    /// Sentinel master, or every cluster master (tracking is per node), with
+    /// the masters they reach (none but on a cluster; see
+    /// [`Redis::cluster_masters`]).
+    pub async fn push_connections(
         &self,
         pushes: impl redis::aio::AsyncPushSender,
-    ) -> Result<Option<MultiplexedConnection>> {
+    ) -> Result<(Vec<MultiplexedConnection>, Vec<Node>)> {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.shared.timeout))
             .set_response_timeout(Some(self.shared.timeout))
@@ -430,16 +449,44 @@ impl Redis {
         self.bounded(async {
             match &*self.shared.kind {
                 Kind::Standalone(client) => {
-                    Ok(Some(client.get_multiplexed_async_connection_with_config(&config).await?))
+                    Ok((vec![client.get_multiplexed_async_connection_with_config(&config).await?], Vec::new()))
                 }
                 Kind::Sentinel(sentinel) => {
                     let client = sentinel.lock().await.async_get_client().await?;
-                    Ok(Some(client.get_multiplexed_async_connection_with_config(&config).await?))
+                    Ok((vec![client.get_multiplexed_async_connection_with_config(&config).await?], Vec::new()))
                 }
-                Kind::Cluster { .. } => Ok(None),
+                Kind::Cluster { nodes, .. } => {
+                    let masters = self.masters_now().await?;
+                    let opens = masters.iter().map(|master| async {
+                        let client = nodes.client(master)?;
+                        Ok::<_, Error>(client.get_multiplexed_async_connection_with_config(&config).await?)
+                    });
+                    let conns = futures::future::try_join_all(opens).await?;
+                    Ok((conns, masters))
+                }
             }
         })
         .await
+    }
+
+    /// The cluster's masters now (`CLUSTER SLOTS` of any node), sorted;
+    /// none on a single server or through Sentinel.
+    pub async fn cluster_masters(&self) -> Result<Vec<Node>> {
+        match &*self.shared.kind {
+            Kind::Cluster { .. } => self.bounded(self.masters_now()).await,
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    async fn masters_now(&self) -> Result<Vec<Node>> {
+        let ranges: Vec<Value> = self.query(&redis::cmd("CLUSTER").arg("SLOTS").clone()).await?;
+        let mut masters: Vec<Node> = ranges.iter().filter_map(master_of_range).collect();
+        masters.sort();
+        masters.dedup();
+        if masters.is_empty() {
+            return Err(Error::Unavailable("CLUSTER SLOTS named no master".into()));
+        }
+        Ok(masters)
     }
 
     /// Runs `cmd` on a connection of its caller's own (such as one from
@@ -491,7 +538,7 @@ impl Kind {
             Topology::Cluster { nodes, auth, tls } => {
                 let infos: Vec<ConnectionInfo> =
                     nodes.iter().map(|node| node_info(node, &auth, tls)).collect::<RedisResult<_>>().map_err(bad)?;
-                let mut builder = ClusterClientBuilder::new(infos.clone())
+                let mut builder = ClusterClientBuilder::new(infos)
                     .use_protocol(ProtocolVersion::RESP3)
                     .connection_timeout(config.redis_connect_timeout)
                     .response_timeout(FENCE_MAX);
@@ -508,15 +555,10 @@ impl Kind {
                     }
                 }
                 let client = builder.build().map_err(bad)?;
-                let seeds = infos
-                    .into_iter()
-                    .map(|info| match &certificates {
-                        Some(certificates) if tls => redis::Client::build_with_tls(info, certificates.clone()),
-                        _ => redis::Client::open(info),
-                    })
-                    .collect::<RedisResult<Vec<_>>>()
-                    .map_err(bad)?;
-                Ok(Self::Cluster { client, seeds })
+                let node_clients = Box::new(NodeClients { auth, tls, certificates });
+                let seeds =
+                    nodes.iter().map(|node| node_clients.client(node)).collect::<RedisResult<Vec<_>>>().map_err(bad)?;
+                Ok(Self::Cluster { client, seeds, nodes: node_clients })
             }
             Topology::Sentinel { sentinels, master, auth, sentinel_password, db, tls } => {
                 let addrs = sentinels.iter().map(|node| addr(node, tls));
@@ -557,6 +599,20 @@ fn node_info(node: &Node, auth: &Auth, tls: bool) -> RedisResult<ConnectionInfo>
         redis = redis.set_password(password);
     }
     Ok(addr(node, tls).into_connection_info()?.set_redis_settings(redis))
+}
+
+/// The master of one `CLUSTER SLOTS` range: `[start, end, [host, port,
+/// id, ...], replicas...]`.
+fn master_of_range(range: &Value) -> Option<Node> {
+    let Value::Array(range) = range else { return None };
+    let Some(Value::Array(master)) = range.get(2) else { return None };
+    let host = match master.first()? {
+        Value::BulkString(host) => String::from_utf8(host.clone()).ok()?,
+        Value::SimpleString(host) => host.clone(),
+        _ => return None,
+    };
+    let Value::Int(port) = master.get(1)? else { return None };
+    Some(Node { host, port: u16::try_from(*port).ok()? })
 }
 
 fn addr(node: &Node, tls: bool) -> ConnectionAddr {

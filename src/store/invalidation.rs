@@ -21,9 +21,15 @@
 //! `Unavailable`, and its near cache must drop everything. The next watch
 //! opens a fresh connection, re-tracking every prefix.
 //!
-//! Redis Cluster: tracking is per node, so a watch would need one tracking
-//! connection per master, kept in step with slot migrations and fail-overs.
-//! Not built: [`Invalidations::watch`] fails with `Unsupported` there.
+//! Redis Cluster: tracking is per node, so there is one tracking connection
+//! per master, all pushing into the same channel. A key moving between
+//! masters (slot migration) stays tracked: every master tracks every
+//! prefix. A change of the set of masters (a fail-over, a master added or
+//! removed) is found by asking `CLUSTER SLOTS` every [`TOPOLOGY_POLL`]; it
+//! ends every watch as a dropped connection does, and the next watch
+//! connects to the masters of then. Until it is found, a write to a new
+//! master is not reported: the near cache's staleness bound on a cluster is
+//! that poll plus delivery.
 
 use std::{
     collections::BTreeSet,
@@ -32,12 +38,13 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use deadpool_redis::redis::{self, PushInfo, PushKind, Value, aio::MultiplexedConnection};
 use tokio::sync::{Mutex, broadcast};
 
-use super::Redis;
+use super::{Redis, topology::Node};
 use crate::{
     error::{Error, Result},
     keys::Keys,
@@ -46,6 +53,9 @@ use crate::{
 /// Invalidation batches a stream may fall behind before it is ended.
 pub const BACKLOG: usize = 4096;
 
+/// How often the masters of a cluster are compared with those tracked.
+pub const TOPOLOGY_POLL: Duration = Duration::from_secs(1);
+
 /// One push of the tracking connection.
 #[derive(Debug)]
 enum Change {
@@ -53,7 +63,8 @@ enum Change {
     Names(Vec<String>),
     /// Every key may have changed (a flush).
     All,
-    /// The tracking connection dropped: changes may have been missed.
+    /// A tracking connection dropped (or the cluster's masters changed):
+    /// changes may have been missed.
     Lost,
 }
 
@@ -78,9 +89,10 @@ pub struct Invalidations {
 
 #[derive(Default)]
 struct Tracking {
-    /// The open tracking connection and its "closed" flag (raised by the
-    /// `Disconnection` push before `Lost` is broadcast).
-    conn: Option<(MultiplexedConnection, Arc<AtomicBool>)>,
+    /// The open tracking connections (one, or one per cluster master) and
+    /// their "closed" flag (raised once, by the first `Disconnection` push
+    /// or a change of masters, before `Lost` is broadcast).
+    conn: Option<(Vec<MultiplexedConnection>, Arc<AtomicBool>)>,
     /// Entry prefixes tracked on `conn`; re-tracked on a new connection.
     prefixes: BTreeSet<String>,
 }
@@ -112,8 +124,8 @@ impl Invalidations {
             if tracking.prefixes.contains(&prefix) {
                 Ok(())
             } else {
-                let (conn, _) = tracking.conn.as_mut().ok_or_else(|| Error::Internal("no tracking".into()))?;
-                let tracked = self.track(conn, std::iter::once(&prefix)).await;
+                let (conns, _) = tracking.conn.as_mut().ok_or_else(|| Error::Internal("no tracking".into()))?;
+                let tracked = self.track(conns, std::slice::from_ref(&prefix)).await;
                 if tracked.is_ok() {
                     tracking.prefixes.insert(prefix.clone());
                 }
@@ -126,7 +138,9 @@ impl Invalidations {
         if let Err(err) = result {
             // The connection's state is unknown: drop it, and with it every
             // watch that relied on it.
-            if tracking.conn.take().is_some() {
+            if let Some((_, closed)) = tracking.conn.take()
+                && !closed.swap(true, Ordering::AcqRel)
+            {
                 let _ = self.events.send(Arc::new(Change::Lost));
             }
             return Err(err);
@@ -134,7 +148,8 @@ impl Invalidations {
         Ok(Watch { events, prefix })
     }
 
-    /// Opens a tracking connection for every prefix in `tracking`.
+    /// Opens the tracking connections for every prefix in `tracking` (and,
+    /// on a cluster, starts comparing the masters with theirs).
     async fn connect(&self, tracking: &mut Tracking) -> Result<()> {
         tracking.conn = None;
         let closed = Arc::new(AtomicBool::new(false));
@@ -146,34 +161,54 @@ impl Invalidations {
                     Some(Value::Array(names)) => Change::Names(names.into_iter().filter_map(name).collect()),
                     _ => Change::All,
                 },
-                PushKind::Disconnection => {
-                    flag.store(true, Ordering::Release);
-                    Change::Lost
-                }
+                // Once per connection set: a late one of an old set must not
+                // end the watches of the next.
+                PushKind::Disconnection if !flag.swap(true, Ordering::AcqRel) => Change::Lost,
                 _ => return Ok::<_, Infallible>(()),
             };
             // An error means no watch is listening.
             let _ = events.send(Arc::new(change));
             Ok(())
         };
-        let mut conn = self
-            .redis
-            .push_connection(pushes)
-            .await?
-            .ok_or(Error::Unsupported("near-cache invalidations are not available on Redis Cluster"))?;
-        self.track(&mut conn, tracking.prefixes.iter()).await?;
-        tracking.conn = Some((conn, closed));
+        let (mut conns, masters) = self.redis.push_connections(pushes).await?;
+        let prefixes: Vec<String> = tracking.prefixes.iter().cloned().collect();
+        self.track(&mut conns, &prefixes).await?;
+        if !masters.is_empty() {
+            tokio::spawn(watch_masters(self.redis.clone(), masters, Arc::clone(&closed), self.events.clone()));
+        }
+        tracking.conn = Some((conns, closed));
         Ok(())
     }
 
-    /// Adds `prefixes` to the connection's broadcast tracking.
-    async fn track(&self, conn: &mut MultiplexedConnection, prefixes: impl Iterator<Item = &String>) -> Result<()> {
+    /// Adds `prefixes` to every connection's broadcast tracking.
+    async fn track(&self, conns: &mut [MultiplexedConnection], prefixes: &[String]) -> Result<()> {
         let mut cmd = redis::cmd("CLIENT");
         cmd.arg("TRACKING").arg("ON").arg("BCAST");
         for prefix in prefixes {
             cmd.arg("PREFIX").arg(prefix);
         }
-        self.redis.query_on::<()>(conn, &cmd).await
+        let calls = conns.iter_mut().map(|conn| self.redis.query_on::<()>(conn, &cmd));
+        futures::future::try_join_all(calls).await?;
+        Ok(())
+    }
+}
+
+/// Compares the cluster's masters with `tracked` every [`TOPOLOGY_POLL`]
+/// until the connections close; on a difference, or when the masters cannot
+/// be read, closes them: a master not tracked may be taking writes.
+async fn watch_masters(
+    redis: Redis,
+    tracked: Vec<Node>,
+    closed: Arc<AtomicBool>,
+    events: broadcast::Sender<Arc<Change>>,
+) {
+    while !closed.load(Ordering::Acquire) {
+        tokio::time::sleep(TOPOLOGY_POLL).await;
+        let same = redis.cluster_masters().await.is_ok_and(|masters| masters == tracked);
+        if !same && !closed.swap(true, Ordering::AcqRel) {
+            tracing::info!("the cluster's masters changed: near-cache watches end and reconnect");
+            let _ = events.send(Arc::new(Change::Lost));
+        }
     }
 }
 

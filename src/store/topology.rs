@@ -50,7 +50,7 @@ pub enum Topology {
 }
 
 /// One `host:port`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Node {
     pub host: String,
     pub port: u16,

@@ -951,8 +951,8 @@ export const CacheService: GenService<{
    * (its Redis connection broke, or this stream fell more than 4,096
    * invalidation batches behind) and when the service shuts down; a near cache
    * must then drop everything before serving another read from memory, and
-   * may watch again. On Redis Cluster it fails with UNIMPLEMENTED
-   * (ARCHITECTURE.md: a near cache there stays off).
+   * may watch again. On Redis Cluster it also ends when the set of masters
+   * changes (found within about a second; ARCHITECTURE.md).
    *
    * @generated from rpc cachecoord.v1.CacheService.WatchInvalidations
    */

@@ -244,8 +244,8 @@ class CacheServiceServicer(object):
         (its Redis connection broke, or this stream fell more than 4,096
         invalidation batches behind) and when the service shuts down; a near cache
         must then drop everything before serving another read from memory, and
-        may watch again. On Redis Cluster it fails with UNIMPLEMENTED
-        (ARCHITECTURE.md: a near cache there stays off).
+        may watch again. On Redis Cluster it also ends when the set of masters
+        changes (found within about a second; ARCHITECTURE.md).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
