@@ -5,14 +5,15 @@
 Starts its own redis-server and two cachecoord instances (A and B) on free ports, then:
 
 1. Hot reads on one thread, one key holding a small JSON object: redis-py GET + json.loads
-   (the floor today), client.cache.get + json.loads without and with the near cache, and a
-   @cached call (near cache on and off).
-2. Invalidation latency: a writer in this process sets the key through instance A; a
+   (the floor today), grpcio's raw stub (the facade's floor), client.cache.get + json.loads
+   without and with the near cache, and a @cached call (near cache on and off).
+2. The facade's own cost: cache.get against grpcio's raw stub in paired, alternating bursts.
+3. Invalidation latency: a writer in this process sets the key through instance A; a
    reader process holding it in its near cache, watching through instance B, notes when the
    invalidation removed it. Both use CLOCK_MONOTONIC (system-wide on Linux), so the
    difference is the time from the write's acknowledgement to the entry leaving the other
    process's near cache.
-3. Instance B's RSS and CPU time with 1,000 open watch streams, idle.
+4. Instance B's RSS and CPU time with 1,000 open watch streams, idle.
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="per throughput row")
     parser.add_argument("--rounds", type=int, default=2000, help="invalidation latency samples")
     parser.add_argument("--streams", type=int, default=1000)
+    parser.add_argument("--pairs", type=int, default=200, help="facade vs raw stub paired bursts")
+    parser.add_argument("--burst", type=int, default=50, help="calls per burst")
     args = parser.parse_args()
     binary = os.environ.get("CACHECOORD_BIN", str(REPO / "target" / "release" / "cachecoord"))
 
@@ -171,9 +174,20 @@ def run(args: Any, rport: int, targets: List[str], pid_b: int) -> None:
     cached_plain(42)
     cached_near(42)
     near.cache.get(key)
+    # The facade's floor: grpcio's generated stub on a channel of its own, a request
+    # built per call as a caller of the stub would.
+    raw = cache_pb2_grpc.CacheServiceStub(grpc.insecure_channel(targets[0]))
+
+    def stub() -> Any:
+        return json.loads(raw.Get(cache_pb2.GetRequest(key=key)).value)
+
+    def facade() -> Any:
+        return json.loads(plain.cache.get(key))  # type: ignore[arg-type]
+
     rows = [
         ("redis-py GET + json.loads (floor today)", lambda: json.loads(r.get("raw:" + key))),  # type: ignore[arg-type]
-        ("cache.get + json.loads, no near cache", lambda: json.loads(plain.cache.get(key))),  # type: ignore[arg-type]
+        ("raw grpcio stub Get + json.loads (the facade's floor)", stub),
+        ("cache.get + json.loads, no near cache", facade),
         ("cache.get + json.loads, near cache (hot)", lambda: json.loads(near.cache.get(key))),  # type: ignore[arg-type]
         ("@cached, no near cache", lambda: cached_plain(42)),
         ("@cached, near cache (hot)", lambda: cached_near(42)),
@@ -193,6 +207,30 @@ def run(args: Any, rport: int, targets: List[str], pid_b: int) -> None:
         print(f"| {name} | {per_s:,.0f} | {per_s / floor:.1f} |")
     stats = near.cache.near_stats
     print(f"\nnear cache: hit ratio {stats.hit_ratio:.4f}, {stats.size} entries")  # type: ignore[union-attr]
+
+    # --- the facade's own cost on the cold path ----------------------------------------
+    # Paired bursts, alternating which goes first: the machine's noise moves both alike,
+    # and the median of the per-pair ratios is the facade's cost.
+    ratios = []
+    for i in range(args.pairs):
+        pair = (facade, stub) if i % 2 else (stub, facade)
+        times = {}
+        for fn in pair:
+            start = time.perf_counter()
+            for _ in range(args.burst):
+                fn()
+            times[fn] = time.perf_counter() - start
+        ratios.append(times[facade] / times[stub])
+    ratios.sort()
+
+    def q(p: float) -> float:
+        return ratios[min(len(ratios) - 1, int(p * len(ratios)))]
+
+    print(f"\n## The facade on the cold path: cache.get vs the raw stub, {args.pairs} paired bursts "
+          f"of {args.burst} calls\n")
+    print("| facade time / raw stub time: p25 | median | p75 |")
+    print("|---:|---:|---:|")
+    print(f"| {q(0.25):.3f} | {q(0.5):.3f} | {q(0.75):.3f} |")
 
     # --- invalidation latency ----------------------------------------------------------
     child = subprocess.Popen([sys.executable, __file__, "--reader", targets[1], key],

@@ -91,6 +91,15 @@ def op_get(key: str) -> Op[Optional[Entry]]:
     return Op("cache", "Get", pb.GetRequest(key=key), _entry, retry=True)
 
 
+def _value(r: Any) -> Optional[bytes]:
+    return r.value if r.found else None
+
+
+def op_get_value(key: str) -> Op[Optional[bytes]]:
+    """Get without the TTL: the hot path of ``get`` without a near cache."""
+    return Op("cache", "Get", pb.GetRequest(key=key), _value, retry=True)
+
+
 def op_get_many(keys: Sequence[str]) -> Op[Dict[str, Optional[bytes]]]:
     return Op(
         "cache",
@@ -261,8 +270,7 @@ class Cache:
         answered from memory."""
         near = self._near
         if near is None:
-            entry = self._run(op_get(key), timeout)
-            return entry.value if entry else None
+            return self._run(op_get_value(key), timeout)
         held = near.lookup(key)
         if held is not None:
             return held[0]  # type: ignore[no-any-return]
@@ -450,8 +458,7 @@ class AsyncCache:
         """See ``Cache.get``."""
         near = self._near
         if near is None:
-            entry = await self._run(op_get(key), timeout)
-            return entry.value if entry else None
+            return await self._run(op_get_value(key), timeout)
         held = near.lookup(key)
         if held is not None:
             return held[0]  # type: ignore[no-any-return]
