@@ -36,8 +36,13 @@ pub const SCRIPT_VALUE_BYTES: usize = 512 << 10;
 /// several scripts, each atomic on its own.
 pub const SCRIPT_STEPS: usize = 1000;
 
-/// Redis commands a tag_index.lua call runs per index besides its members.
-const INDEX_STEPS: usize = 4;
+/// Redis commands a tag_index.lua call runs per index besides its members
+/// (the floor read and written, pruning, the index's expiry).
+const INDEX_STEPS: usize = 6;
+
+/// Redis commands a tag_index.lua call runs per member (its old score, then
+/// the new one).
+const MEMBER_STEPS: usize = 2;
 
 /// Entries one delete.lua or invalidate_entries.lua call deals with (about
 /// five commands each).
@@ -575,8 +580,9 @@ impl CacheStore {
     }
 
     /// Runs tag_index.lua for `(index, entries with their expiry)`, one call
-    /// per hash slot and run of at most [`SCRIPT_STEPS`] members (an index of
-    /// more entries is split over calls), a few at a time.
+    /// per hash slot and run of at most [`SCRIPT_STEPS`] commands (about 500
+    /// members; an index of more entries is split over calls), a few at a
+    /// time.
     async fn record(&self, indexes: Vec<IndexMembers<'_>>) -> Result<()> {
         let mut runs: Vec<Vec<IndexMembers<'_>>> = Vec::new();
         for group in self.redis.slot_groups(indexes.iter().map(|(index, _)| *index)) {
@@ -585,14 +591,14 @@ impl CacheStore {
                 let (index, mut entries) = indexes[i];
                 loop {
                     let room = SCRIPT_STEPS.saturating_sub(steps + INDEX_STEPS);
-                    if room == 0 && !run.is_empty() {
+                    if room < MEMBER_STEPS && !run.is_empty() {
                         runs.push(std::mem::take(&mut run));
                         steps = 0;
                         continue;
                     }
-                    let (now, rest) = entries.split_at(entries.len().min(room.max(1)));
+                    let (now, rest) = entries.split_at(entries.len().min((room / MEMBER_STEPS).max(1)));
                     run.push((index, now));
-                    steps += INDEX_STEPS + now.len();
+                    steps += INDEX_STEPS + MEMBER_STEPS * now.len();
                     entries = rest;
                     if entries.is_empty() {
                         break;
