@@ -490,7 +490,7 @@ impl Redis {
     }
 
     /// Runs `cmd` on a connection of its caller's own (such as one from
-    /// [`Redis::push_connection`]), bounded by the timeout.
+    /// [`Redis::push_connections`]), bounded by the timeout.
     pub async fn query_on<T: FromRedisValue>(&self, conn: &mut MultiplexedConnection, cmd: &Cmd) -> Result<T> {
         self.bounded(async { Ok(cmd.query_async(conn).await?) }).await
     }
