@@ -324,15 +324,40 @@ impl CallEnd for RpcSpan {
 }
 
 /// Reads `traceparent`/`tracestate` from gRPC metadata (HTTP/2 headers).
-struct Headers<'a>(&'a http::HeaderMap);
+struct Headers<'a> {
+    headers: &'a http::HeaderMap,
+    /// The `traceparent` with its flags cut to the sampled bit, when others
+    /// were set (see [`Headers::new`]).
+    traceparent: Option<String>,
+}
+
+impl<'a> Headers<'a> {
+    /// W3C Trace Context says a receiver ignores flags it does not know, but
+    /// opentelemetry_sdk 0.31 rejects a version-00 `traceparent` with flags
+    /// above 02, and the Python SDK sends 03 (sampled + random trace id):
+    /// the caller's trace would be lost. Fixed upstream in a release that
+    /// needs a newer Rust (opentelemetry-rust#3435); until then, keep only
+    /// the sampled bit here.
+    fn new(headers: &'a http::HeaderMap) -> Self {
+        let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(|value| {
+            let (head, flags) = value.trim().rsplit_once('-')?;
+            let flags = u8::from_str_radix(flags, 16).ok()?;
+            (head.starts_with("00-") && flags > 1).then(|| format!("{head}-{:02x}", flags & 1))
+        });
+        Self { headers, traceparent }
+    }
+}
 
 impl Extractor for Headers<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|value| value.to_str().ok())
+        match &self.traceparent {
+            Some(traceparent) if key == "traceparent" => Some(traceparent),
+            _ => self.headers.get(key).and_then(|value| value.to_str().ok()),
+        }
     }
 
     fn keys(&self) -> Vec<&str> {
-        self.0.keys().map(http::HeaderName::as_str).collect()
+        self.headers.keys().map(http::HeaderName::as_str).collect()
     }
 }
 
@@ -352,7 +377,7 @@ where
         let Some(inner) = &self.tracing.0 else {
             return StatusFuture::new(InContext { inner: self.inner.call(request), cx: None }, None);
         };
-        let parent = inner.propagator.extract(&Headers(request.headers()));
+        let parent = inner.propagator.extract(&Headers::new(request.headers()));
         let path = request.uri().path();
         let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or((path, ""));
         let attributes = [
@@ -394,5 +419,45 @@ impl<F: Future> Future for InContext<F> {
         let this = self.project();
         let _current = this.cx.as_ref().map(|cx| cx.clone().attach());
         this.inner.poll(task)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parent_of(traceparent: &str) -> opentelemetry::trace::SpanContext {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("traceparent", traceparent.parse().expect("ascii"));
+        TraceContextPropagator::new().extract(&Headers::new(&headers)).span().span_context().clone()
+    }
+
+    #[test]
+    fn traceparent_with_unknown_flags_is_continued() {
+        for (flags, sampled) in [("00", false), ("01", true), ("02", false), ("03", true), ("ff", true)] {
+            let parent = parent_of(&format!("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-{flags}"));
+            assert!(parent.is_valid(), "flags {flags}");
+            assert_eq!(parent.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+            assert_eq!(parent.is_sampled(), sampled, "flags {flags}");
+        }
+        assert!(!parent_of("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz").is_valid());
+        assert!(!parent_of("garbage").is_valid());
+    }
+
+    #[test]
+    fn operations_name_the_command_never_its_arguments() {
+        let mut get = redis::cmd("get");
+        get.arg("tenant:secret");
+        assert_eq!(operation(&get), (Cow::Borrowed("GET"), None));
+        let mut load = redis::cmd("SCRIPT");
+        load.arg("LOAD").arg("return 1");
+        assert_eq!(operation(&load).0, "SCRIPT LOAD");
+        let script = crate::store::script("probe.lua", "return 'probe'");
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha.arg(script.get_hash()).arg(1).arg("tenant:secret");
+        assert_eq!(operation(&evalsha), (Cow::Borrowed("EVALSHA"), Some("probe")));
+        let mut weird = redis::cmd("tenant:key with spaces");
+        weird.arg("x");
+        assert_eq!(operation(&weird).0, "unknown");
     }
 }
