@@ -49,7 +49,9 @@ def test_metadata_carries_the_current_span_and_keeps_the_api_key():
         metadata = dict(with_trace_context(auth) or ())
     assert metadata["authorization"] == "Bearer k"
     span_id = format(span.get_span_context().span_id, "016x")
-    assert metadata["traceparent"] == f"00-{trace_id_of(span)}-{span_id}-01"
+    version, trace_id, parent_id, flags = metadata["traceparent"].split("-")
+    assert (version, trace_id, parent_id) == ("00", trace_id_of(span), span_id)
+    assert int(flags, 16) & 1, "sampled (newer SDKs also set 02, the random trace id flag)"
 
 
 def test_sync_call_continues_the_callers_trace(traced, ns):
