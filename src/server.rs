@@ -118,8 +118,11 @@ pub async fn run(
     );
     // WAIT holds the connection it runs on: locks that wait for replicas get
     // connections of their own.
-    let lock_redis =
-        if config.lock_replicas > 0 { Redis::with_telemetry(&config, metrics.clone(), tracing.clone())? } else { redis.clone() };
+    let lock_redis = if config.lock_replicas > 0 {
+        Redis::with_telemetry(&config, metrics.clone(), tracing.clone())?
+    } else {
+        redis.clone()
+    };
     let lock_store = LockStore::new(lock_redis, keys.clone(), config.lock_replicas);
     let locks = LockApi::new(lock_store, limits, config.lock_default_ttl);
     let cache = CacheApi::new(

@@ -713,8 +713,7 @@ impl ConnectionLike for Plain {
 
 /// An OTLP trace receiver in the benchmark process that counts the spans it
 /// is sent and keeps nothing: its endpoint and the count.
-pub async fn span_sink()
--> Result<(String, Arc<std::sync::atomic::AtomicU64>), Box<dyn std::error::Error>> {
+pub async fn span_sink() -> Result<(String, Arc<std::sync::atomic::AtomicU64>), Box<dyn std::error::Error>> {
     use opentelemetry_proto::tonic::collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
         trace_service_server::{TraceService, TraceServiceServer},
@@ -728,13 +727,8 @@ pub async fn span_sink()
             &self,
             request: tonic::Request<ExportTraceServiceRequest>,
         ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-            let spans: usize = request
-                .get_ref()
-                .resource_spans
-                .iter()
-                .flat_map(|r| &r.scope_spans)
-                .map(|s| s.spans.len())
-                .sum();
+            let spans: usize =
+                request.get_ref().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
             self.0.fetch_add(spans as u64, std::sync::atomic::Ordering::Relaxed);
             Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
         }
