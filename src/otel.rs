@@ -374,8 +374,12 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let Some(inner) = &self.tracing.0 else {
-            return StatusFuture::new(InContext { inner: self.inner.call(request), cx: None }, None);
+        // Health checks (a probe every few seconds) and reflection would be
+        // a trace each, of no interest: untraced.
+        let untraced = |path: &str| path.starts_with("/grpc.health.") || path.starts_with("/grpc.reflection.");
+        let inner = match &self.tracing.0 {
+            Some(inner) if !untraced(request.uri().path()) => inner,
+            _ => return StatusFuture::new(InContext { inner: self.inner.call(request), cx: None }, None),
         };
         let parent = inner.propagator.extract(&Headers::new(request.headers()));
         let path = request.uri().path();

@@ -148,6 +148,9 @@ async fn rpc_span_continues_the_callers_trace_with_redis_children() {
     assert_ne!(hex(&set.trace_id), TRACE_ID);
     assert!(set.parent_span_id.is_empty(), "a root span");
 
+    // The health checks TestServer made while starting are not traced.
+    assert!(spans.iter().all(|(_, span)| !span.name.starts_with("grpc.health.")), "health untraced");
+
     // Keys and values never leave the service.
     for (_, span) in &spans {
         let everything = format!("{span:?}");
