@@ -86,7 +86,14 @@ impl Tracing {
             .with_tonic()
             .with_endpoint(endpoint.clone())
             .build()
-            .map_err(|e| format!("--otlp-endpoint {}: {e}", redacted(&endpoint)))?;
+            .map_err(|e| {
+                // Its text would repeat the whole endpoint, user info included.
+                let reason = match e {
+                    opentelemetry_otlp::ExporterBuildError::InvalidUri(_, reason) => format!("invalid URI: {reason}"),
+                    other => other.to_string(),
+                };
+                format!("--otlp-endpoint {}: {reason}", redacted(&endpoint))
+            })?;
         // service.name from OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES,
         // else ours rather than the SDK's "unknown_service".
         let mut resource = Resource::builder().build();
