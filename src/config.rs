@@ -233,6 +233,12 @@ pub struct Config {
     #[arg(long, env = "CACHECOORD_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
 
+    /// OpenTelemetry collector receiving traces by OTLP/gRPC, e.g.
+    /// http://otel-collector:4317; unset (the default): no traces.
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, when set, takes precedence.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Log line format.
     #[arg(long, env = "CACHECOORD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,

@@ -11,6 +11,7 @@
 //! - [`codec`]: protobuf decoding; a request that does not decode is `INVALID_ARGUMENT`.
 //! - [`deadline`]: `DEADLINE_EXCEEDED` when the caller's deadline passes.
 //! - [`metrics`]: Prometheus metrics, the gRPC metrics layer, `/metrics`.
+//! - [`otel`]: OpenTelemetry traces: a span per RPC and per Redis call, OTLP export.
 //! - [`health`]: grpc.health.v1 statuses that follow a Redis probe.
 //! - [`calendar`]: Stats time buckets in the configured time zone.
 //! - [`rls`]: Envoy's rate limit service: YAML config, matching, reload.
@@ -29,6 +30,7 @@ pub mod error;
 pub mod health;
 pub mod keys;
 pub mod metrics;
+pub mod otel;
 pub mod proto;
 pub mod reload;
 pub mod rls;

@@ -327,6 +327,11 @@ pub enum RedisError {
 impl RedisError {
     const ALL: [&'static str; 5] = ["connection", "timeout", "refusing", "connect", "other"];
 
+    /// The label value (also the trace layer's error description).
+    pub fn name(self) -> &'static str {
+        Self::ALL[self as usize]
+    }
+
     /// Classifies a redis-rs error.
     pub fn of(err: &redis::RedisError) -> Self {
         if err.is_timeout() {
@@ -717,13 +722,20 @@ pub struct GrpcMetrics<S> {
 }
 
 /// One call being counted: ends (records its code and time) exactly once.
-struct Call {
+pub struct Call {
     inner: Arc<Inner>,
     method: usize,
     start: Instant,
 }
 
-impl Call {
+/// What a layer does once a call's gRPC status is known: [`StatusFuture`]
+/// and [`StatusBody`] call [`CallEnd::end`] exactly once per call, so the
+/// metrics layer and the trace layer (`otel.rs`) read the status one way.
+pub trait CallEnd {
+    fn end(self, code: tonic::Code);
+}
+
+impl CallEnd for Call {
     fn end(self, code: tonic::Code) {
         let m = &self.inner.methods[self.method];
         m.seconds.record(self.start.elapsed().as_secs_f64());
@@ -732,7 +744,7 @@ impl Call {
 }
 
 /// The `grpc-status` of a header map, if it has one.
-fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
+pub fn status_of(headers: &http::HeaderMap) -> Option<tonic::Code> {
     let value = headers.get("grpc-status")?;
     let code = value.to_str().ok().and_then(|v| v.parse::<i32>().ok()).unwrap_or(2);
     Some(tonic::Code::from_i32(code))
@@ -742,9 +754,9 @@ impl<S, B, RB> Service<http::Request<B>> for GrpcMetrics<S>
 where
     S: Service<http::Request<B>, Response = http::Response<RB>>,
 {
-    type Response = http::Response<CountedBody<RB>>;
+    type Response = http::Response<StatusBody<RB, Call>>;
     type Error = S::Error;
-    type Future = CountedFuture<S::Future>;
+    type Future = StatusFuture<S::Future, Call>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -756,24 +768,32 @@ where
             inner.methods[method].started.increment(1);
             Call { inner: Arc::clone(inner), method, start: Instant::now() }
         });
-        CountedFuture { inner: self.inner.call(request), call }
+        StatusFuture::new(self.inner.call(request), call)
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The response future of [`GrpcMetrics`].
-    pub struct CountedFuture<F> {
+    /// A response future that ends `call` with the status of a
+    /// trailers-only response, or hands it to the body ([`StatusBody`]).
+    pub struct StatusFuture<F, C> {
         #[pin]
         inner: F,
-        call: Option<Call>,
+        call: Option<C>,
     }
 }
 
-impl<F, RB, E> Future for CountedFuture<F>
+impl<F, C> StatusFuture<F, C> {
+    /// Watches `inner`'s response for the status of `call` (`None`: nothing to end).
+    pub fn new(inner: F, call: Option<C>) -> Self {
+        Self { inner, call }
+    }
+}
+
+impl<F, RB, E, C: CallEnd> Future for StatusFuture<F, C>
 where
     F: Future<Output = Result<http::Response<RB>, E>>,
 {
-    type Output = Result<http::Response<CountedBody<RB>>, E>;
+    type Output = Result<http::Response<StatusBody<RB, C>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -791,7 +811,7 @@ where
                     }
                     (call, _) => call,
                 };
-                Ok(response.map(|body| CountedBody { inner: body, call }))
+                Ok(response.map(|body| StatusBody { inner: body, call }))
             }
             Err(err) => {
                 if let Some(call) = call {
@@ -806,13 +826,13 @@ where
 pin_project_lite::pin_project! {
     /// A response body that records its call's status when the trailers
     /// pass, or `Canceled` if it is dropped before (the client went away).
-    pub struct CountedBody<B> {
+    pub struct StatusBody<B, C: CallEnd> {
         #[pin]
         inner: B,
-        call: Option<Call>,
+        call: Option<C>,
     }
 
-    impl<B> PinnedDrop for CountedBody<B> {
+    impl<B, C: CallEnd> PinnedDrop for StatusBody<B, C> {
         fn drop(this: Pin<&mut Self>) {
             if let Some(call) = this.project().call.take() {
                 call.end(tonic::Code::Cancelled);
@@ -821,7 +841,7 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<B: Body> Body for CountedBody<B> {
+impl<B: Body, C: CallEnd> Body for StatusBody<B, C> {
     type Data = B::Data;
     type Error = B::Error;
 

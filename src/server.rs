@@ -20,6 +20,7 @@ use crate::{
     deadline::DeadlineLayer,
     health,
     keys::Keys,
+    otel::{RpcTraceId, Tracing},
     proto::{
         self, cache_service_server::CacheServiceServer, lock_service_server::LockServiceServer,
         rate_limit_service_server::RateLimitServiceServer, session_service_server::SessionServiceServer,
@@ -47,7 +48,8 @@ pub async fn run(
     // (several servers in one test process) is harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let (metrics, _metrics_endpoint) = crate::metrics::start(&config).await?;
-    let redis = Redis::with_metrics(&config, metrics.clone())?;
+    let tracing = Tracing::start(&config)?;
+    let redis = Redis::with_telemetry(&config, metrics.clone(), tracing.clone())?;
     let tls = crate::tls::TlsServer::start(&config.tls)?;
     let keys = Keys::new(&config.key_prefix);
     let limits = Limits::from_config(&config);
@@ -116,8 +118,11 @@ pub async fn run(
     );
     // WAIT holds the connection it runs on: locks that wait for replicas get
     // connections of their own.
-    let lock_redis =
-        if config.lock_replicas > 0 { Redis::with_metrics(&config, metrics.clone())? } else { redis.clone() };
+    let lock_redis = if config.lock_replicas > 0 {
+        Redis::with_telemetry(&config, metrics.clone(), tracing.clone())?
+    } else {
+        redis.clone()
+    };
     let lock_store = LockStore::new(lock_redis, keys.clone(), config.lock_replicas);
     let locks = LockApi::new(lock_store, limits, config.lock_default_ttl);
     let cache = CacheApi::new(
@@ -164,10 +169,13 @@ pub async fn run(
     });
     let mut drained_rx = stopping_rx.clone();
 
+    // Outermost: the RPC's trace span covers everything below, and its
+    // trace id reaches the log span made next.
     let router = Server::builder()
+        .layer(tracing.layer())
         .layer(
             TraceLayer::new_for_grpc()
-                .make_span_with(|request: &http::Request<_>| tracing::info_span!("rpc", method = %request.uri().path(), key = tracing::field::Empty))
+                .make_span_with(rpc_log_span)
                 .on_request(())
                 .on_response(log_response)
                 .on_body_chunk(())
@@ -207,7 +215,20 @@ pub async fn run(
             tokio::time::sleep(grace).await;
         } => tracing::warn!(?grace, "grace period over; abandoning RPCs still running"),
     }
+    tracing.shutdown().await;
     Ok(())
+}
+
+/// The log span of one RPC: its method, and its trace id when tracing is on
+/// (so the log line can be found from the trace, and back).
+fn rpc_log_span<B>(request: &http::Request<B>) -> tracing::Span {
+    let method = request.uri().path();
+    match request.extensions().get::<RpcTraceId>() {
+        Some(RpcTraceId(trace_id)) => {
+            tracing::info_span!("rpc", method = %method, trace_id = %trace_id, key = tracing::field::Empty)
+        }
+        None => tracing::info_span!("rpc", method = %method, key = tracing::field::Empty),
+    }
 }
 
 /// The one log line per RPC: method (from the span), gRPC code, latency.

@@ -84,6 +84,18 @@ struct Args {
     /// interleaved rounds; prints a table (BENCHMARKS.md, "Metrics").
     #[arg(long)]
     metrics_compare: Option<usize>,
+    /// Like --metrics-compare, with tracing: one instance exporting every
+    /// RPC's spans by OTLP to a sink in this process, one without
+    /// (BENCHMARKS.md, "Tracing").
+    #[arg(long)]
+    tracing_compare: Option<usize>,
+}
+
+/// The layer a comparison turns on in its second instance.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Compare {
+    Metrics,
+    Tracing,
 }
 
 #[derive(Subcommand)]
@@ -246,7 +258,10 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         format!("redis://127.0.0.1:{}", redis_ports[0])
     };
     if let Some(rounds) = args.metrics_compare {
-        return metrics_compare(&args, rounds, dir.path(), &redis_url, &redis_ports).await;
+        return compare(&args, Compare::Metrics, rounds, dir.path(), &redis_url, &redis_ports).await;
+    }
+    if let Some(rounds) = args.tracing_compare {
+        return compare(&args, Compare::Tracing, rounds, dir.path(), &redis_url, &redis_ports).await;
     }
     let grpc_port = free_port()?;
     // As deployed: the per-RPC log line at info, written to a file.
@@ -313,19 +328,23 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Cache.Get at 64 callers (the bar: metrics cost at most 3%)
-/// against an instance with metrics and one without, sharing one Redis,
-/// measured in interleaved rounds so that drift on a shared machine hits
-/// both alike.
-async fn metrics_compare(
+/// against an instance with metrics (or tracing) and one without, sharing
+/// one Redis, measured in interleaved rounds so that drift on a shared
+/// machine hits both alike.
+async fn compare(
     args: &Args,
+    what: Compare,
     rounds: usize,
     dir: &std::path::Path,
     redis_url: &str,
     redis_ports: &[u16],
 ) -> Result<(), Box<dyn std::error::Error>> {
     let callers = 64;
+    let label = if what == Compare::Metrics { "metrics" } else { "tracing" };
+    // Tracing exports to a sink here, which counts the spans it receives.
+    let sink = if what == Compare::Tracing { Some(targets::span_sink().await?) } else { None };
     let mut instances = Vec::new();
-    for (name, metrics) in [("off", false), ("on", true)] {
+    for (name, on) in [("off", false), ("on", true)] {
         let grpc_port = free_port()?;
         let log = std::fs::File::create(dir.join(format!("service-{name}.log")))?;
         let mut service = Command::new(std::env::current_exe()?);
@@ -335,8 +354,14 @@ async fn metrics_compare(
             .args(&args.service_args)
             .env("RUST_LOG", "info")
             .stdout(log);
-        if metrics {
-            service.args(["--metrics-listen", &format!("127.0.0.1:{}", free_port()?)]);
+        match (on, &sink) {
+            (false, _) => {}
+            (true, None) => {
+                service.args(["--metrics-listen", &format!("127.0.0.1:{}", free_port()?)]);
+            }
+            (true, Some((endpoint, _))) => {
+                service.args(["--otlp-endpoint", endpoint]);
+            }
         }
         let process = Process(service.spawn()?);
         let clients = Arc::new(Clients::connect(grpc_port, redis_url, redis_ports, args.connections, None).await?);
@@ -350,7 +375,7 @@ async fn metrics_compare(
             let (name, process, clients) = &instances[i];
             let point = measure(clients, Target::CacheGet, callers, args.warmup, args.duration, process.0.id()).await?;
             eprintln!(
-                "round {round} metrics {name:<3}: {:>9.0}/s  p50 {:.3} ms  p99 {:.3} ms  service {:.1} µs/call",
+                "round {round} {label} {name:<3}: {:>9.0}/s  p50 {:.3} ms  p99 {:.3} ms  service {:.1} µs/call",
                 point.rate(),
                 point.p(0.5),
                 point.p(0.99),
@@ -360,7 +385,7 @@ async fn metrics_compare(
         }
     }
     let mut out = String::new();
-    let _ = writeln!(out, "| round | metrics | Cache.Get/s | p50 ms | p99 ms | service CPU µs/call |");
+    let _ = writeln!(out, "| round | {label} | Cache.Get/s | p50 ms | p99 ms | service CPU µs/call |");
     let _ = writeln!(out, "|---|---|---|---|---|---|");
     for (round, name, p) in &rows {
         let _ = writeln!(
@@ -385,6 +410,14 @@ async fn metrics_compare(
         (rate_on / rate_off - 1.0) * 100.0,
         (cpu_on / cpu_off - 1.0) * 100.0
     );
+    if let Some((_, spans)) = &sink {
+        let measured: u64 = rows.iter().filter(|(_, name, _)| *name == "on").map(|(_, _, p)| p.calls).sum();
+        let _ = writeln!(
+            out,
+            "The sink received {} spans; the traced instance answered {measured} measured Gets (warm-ups not counted).",
+            spans.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     println!("{out}");
     Ok(())
 }

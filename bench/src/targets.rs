@@ -710,3 +710,36 @@ impl ConnectionLike for Plain {
         0
     }
 }
+
+/// An OTLP trace receiver in the benchmark process that counts the spans it
+/// is sent and keeps nothing: its endpoint and the count.
+pub async fn span_sink() -> Result<(String, Arc<std::sync::atomic::AtomicU64>), Box<dyn std::error::Error>> {
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    };
+
+    struct Sink(Arc<std::sync::atomic::AtomicU64>);
+
+    #[tonic::async_trait]
+    impl TraceService for Sink {
+        async fn export(
+            &self,
+            request: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let spans: usize =
+                request.get_ref().resource_spans.iter().flat_map(|r| &r.scope_spans).map(|s| s.spans.len()).sum();
+            self.0.fetch_add(spans as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        }
+    }
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let endpoint = format!("http://{}", listener.local_addr()?);
+    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let server = tonic::transport::Server::builder()
+        .add_service(TraceServiceServer::new(Sink(Arc::clone(&count))))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+    tokio::spawn(server);
+    Ok((endpoint, count))
+}

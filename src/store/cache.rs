@@ -23,7 +23,7 @@ type IndexMembers<'a> = (&'a str, &'a [(&'a str, u64)]);
 
 macro_rules! write_script {
     ($file:literal) => {
-        Script::new(concat!(include_str!("lua/cache_lib.lua"), include_str!(concat!("lua/", $file))))
+        super::script($file, concat!(include_str!("lua/cache_lib.lua"), include_str!(concat!("lua/", $file))))
     };
 }
 
@@ -155,17 +155,17 @@ impl CacheStore {
         let waiters = Arc::new(Waiters::default());
         let listener = Arc::clone(&waiters).listen(redis.clone(), channel.clone());
         let scripts = Scripts {
-            get: Script::new(include_str!("lua/get.lua")),
+            get: super::script("get.lua", include_str!("lua/get.lua")),
             set: write_script!("set.lua"),
             set_many: write_script!("set_many.lua"),
             delete: write_script!("delete.lua"),
             touch: write_script!("touch.lua"),
-            fetch: Script::new(include_str!("lua/fetch.lua")),
+            fetch: super::script("fetch.lua", include_str!("lua/fetch.lua")),
             fill: write_script!("fill.lua"),
             abandon_fill: write_script!("abandon_fill.lua"),
-            tag_index: Script::new(include_str!("lua/tag_index.lua")),
+            tag_index: super::script("tag_index.lua", include_str!("lua/tag_index.lua")),
             invalidate_entries: write_script!("invalidate_entries.lua"),
-            tag_forget: Script::new(include_str!("lua/tag_forget.lua")),
+            tag_forget: super::script("tag_forget.lua", include_str!("lua/tag_forget.lua")),
         };
         let invalidations = Invalidations::new(redis.clone());
         Self { redis, keys, channel, waiters, scripts, listener, invalidations }

@@ -66,6 +66,7 @@ use crate::{
     config::Config,
     error::{Error, Result},
     metrics::{self, Metrics},
+    otel::Tracing,
 };
 
 /// A bounded-time handle on Redis, cheap to clone.
@@ -103,6 +104,8 @@ struct Shared {
     timeout: Duration,
     /// Where calls, errors and connections are counted (the one place).
     metrics: Metrics,
+    /// Makes a span per call made under an RPC's span (the one place).
+    tracing: Tracing,
 }
 
 /// The topology, ready to connect.
@@ -221,6 +224,12 @@ impl Redis {
     /// Like [`Redis::new`], recording into `metrics` (which the stores
     /// reach through [`Redis::metrics`]).
     pub fn with_metrics(config: &Config, metrics: Metrics) -> Result<Self, String> {
+        Self::with_telemetry(config, metrics, Tracing::off())
+    }
+
+    /// Like [`Redis::with_metrics`], with a span per Redis call made under
+    /// an RPC's span when `tracing` is on.
+    pub fn with_telemetry(config: &Config, metrics: Metrics, tracing: Tracing) -> Result<Self, String> {
         let topology = Topology::parse(&config.redis_url).map_err(|e| format!("--redis-url {e}"))?;
         let certificates = tls_certificates(config)?;
         let kind = Arc::new(Kind::new(topology, certificates, config)?);
@@ -250,6 +259,7 @@ impl Redis {
             in_flight: Arc::new(Semaphore::new(config.redis_max_in_flight)),
             timeout: config.redis_timeout,
             metrics,
+            tracing,
         };
         Ok(Self { shared: Arc::new(shared) })
     }
@@ -308,17 +318,20 @@ impl Redis {
         let mut cmd = redis::cmd("WAIT");
         cmd.arg(replicas).arg(u64::try_from(wait_ms).unwrap_or(u64::MAX));
         self.bounded(async {
-            let result = match &mut conn.wire {
-                Wire::Single(single) => cmd.query_async::<usize>(single).await,
-                Wire::Cluster(cluster) => {
-                    let route = Route::with_key(key, SlotAddr::Master);
-                    let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
-                    match cluster.route_command(cmd, routing).await {
-                        Ok(value) => usize::from_redis_value(value).map_err(RedisError::from),
-                        Err(err) => Err(err),
+            let wait = async {
+                match &mut conn.wire {
+                    Wire::Single(single) => cmd.query_async::<usize>(single).await,
+                    Wire::Cluster(cluster) => {
+                        let route = Route::with_key(key, SlotAddr::Master);
+                        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
+                        match cluster.route_command(cmd, routing).await {
+                            Ok(value) => usize::from_redis_value(value).map_err(RedisError::from),
+                            Err(err) => Err(err),
+                        }
                     }
                 }
             };
+            let result = self.shared.tracing.redis_op("WAIT", wait).await;
             Ok(conn.check(result)?)
         })
         .await
@@ -364,9 +377,13 @@ impl Redis {
             metrics: metrics.clone(),
         };
         let is_script = matches!(call, Call::Script(_));
-        let result = match call {
-            Call::Script(script) => script.invoke_async(&mut conn.wire).await,
-            Call::Cmd(cmd) => cmd.query_async(&mut conn.wire).await,
+        // A span per command sent (EVALSHA, and SCRIPT LOAD after NOSCRIPT)
+        // only when tracing is on and an RPC's span is current.
+        let result = match (self.shared.tracing.traced(&mut conn.wire), call) {
+            (None, Call::Script(script)) => script.invoke_async(&mut conn.wire).await,
+            (None, Call::Cmd(cmd)) => cmd.query_async(&mut conn.wire).await,
+            (Some(mut traced), Call::Script(script)) => script.invoke_async(&mut traced).await,
+            (Some(mut traced), Call::Cmd(cmd)) => cmd.query_async(&mut traced).await,
         };
         flight.land();
         metrics.redis_done(started, is_script);
@@ -446,7 +463,7 @@ impl Redis {
             .set_connection_timeout(Some(self.shared.timeout))
             .set_response_timeout(Some(self.shared.timeout))
             .set_push_sender(pushes);
-        self.bounded(async {
+        let open = async {
             match &*self.shared.kind {
                 Kind::Standalone(client) => {
                     Ok((vec![client.get_multiplexed_async_connection_with_config(&config).await?], Vec::new()))
@@ -465,8 +482,8 @@ impl Redis {
                     Ok((conns, masters))
                 }
             }
-        })
-        .await
+        };
+        self.bounded(async { Ok(self.shared.tracing.redis_op("connect tracking", open).await?) }).await
     }
 
     /// The cluster's masters now (`CLUSTER SLOTS` of any node), sorted;
@@ -492,7 +509,14 @@ impl Redis {
     /// Runs `cmd` on a connection of its caller's own (such as one from
     /// [`Redis::push_connections`]), bounded by the timeout.
     pub async fn query_on<T: FromRedisValue>(&self, conn: &mut MultiplexedConnection, cmd: &Cmd) -> Result<T> {
-        self.bounded(async { Ok(cmd.query_async(conn).await?) }).await
+        self.bounded(async {
+            let result = match self.shared.tracing.traced(conn) {
+                Some(mut traced) => cmd.query_async(&mut traced).await,
+                None => cmd.query_async(conn).await,
+            };
+            Ok(result?)
+        })
+        .await
     }
 
     /// The first slot that is not stalled; round robin when all are.

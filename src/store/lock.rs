@@ -93,10 +93,10 @@ impl LockStore {
         let waiters = Arc::new(Waiters::default());
         let listener = Arc::clone(&waiters).listen(redis.clone(), channel.clone());
         let scripts = Scripts {
-            acquire: Script::new(include_str!("lua/lock_acquire.lua")),
-            release: Script::new(include_str!("lua/lock_release.lua")),
-            extend: Script::new(include_str!("lua/lock_extend.lua")),
-            inspect: Script::new(include_str!("lua/lock_inspect.lua")),
+            acquire: super::script("lock_acquire.lua", include_str!("lua/lock_acquire.lua")),
+            release: super::script("lock_release.lua", include_str!("lua/lock_release.lua")),
+            extend: super::script("lock_extend.lua", include_str!("lua/lock_extend.lua")),
+            inspect: super::script("lock_inspect.lua", include_str!("lua/lock_inspect.lua")),
         };
         Self { redis, keys, channel, waiters, scripts, replicas, listener }
     }

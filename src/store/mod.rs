@@ -26,6 +26,14 @@ pub(crate) fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)
 }
 
+/// A Lua script from `lua/<file>`, with its name remembered for trace spans
+/// (`EVALSHA get`), since an invocation carries only the SHA1.
+pub(crate) fn script(file: &'static str, code: &str) -> redis::Script {
+    let script = redis::Script::new(code);
+    crate::otel::register_script(script.get_hash(), file.trim_end_matches(".lua"));
+    script
+}
+
 /// 128 random bits from the thread's CSPRNG, as 32 hex digits (URL-safe):
 /// fill lease tokens and lock lease ids.
 pub(crate) fn random_token() -> String {

@@ -129,9 +129,9 @@ impl RateLimitStore {
         Self {
             redis,
             keys,
-            check: Script::new(include_str!("lua/rate_limit_check.lua")),
-            reset: Script::new(include_str!("lua/rate_limit_reset.lua")),
-            refund: Script::new(include_str!("lua/rate_limit_refund.lua")),
+            check: super::script("rate_limit_check.lua", include_str!("lua/rate_limit_check.lua")),
+            reset: super::script("rate_limit_reset.lua", include_str!("lua/rate_limit_reset.lua")),
+            refund: super::script("rate_limit_refund.lua", include_str!("lua/rate_limit_refund.lua")),
         }
     }
 

@@ -17,7 +17,7 @@ use crate::{
 
 macro_rules! session_script {
     ($file:literal) => {
-        Script::new(concat!(include_str!("lua/session_lib.lua"), include_str!(concat!("lua/", $file))))
+        super::script($file, concat!(include_str!("lua/session_lib.lua"), include_str!(concat!("lua/", $file))))
     };
 }
 
@@ -129,7 +129,7 @@ impl SessionStore {
             delete: session_script!("session_delete.lua"),
             list: session_script!("session_list.lua"),
             delete_user: session_script!("session_delete_user.lua"),
-            revoke: Script::new(include_str!("lua/revoke_token.lua")),
+            revoke: super::script("revoke_token.lua", include_str!("lua/revoke_token.lua")),
         };
         Self { redis, keys, max_per_user, max_data_bytes, max_revocation, scripts }
     }

@@ -14,7 +14,7 @@ use crate::{
 
 macro_rules! clock_script {
     ($file:literal) => {
-        Script::new(concat!(include_str!("lua/stats_lib.lua"), include_str!(concat!("lua/", $file))))
+        super::script($file, concat!(include_str!("lua/stats_lib.lua"), include_str!(concat!("lua/", $file))))
     };
 }
 
@@ -68,8 +68,8 @@ impl StatsStore {
         let scripts = Scripts {
             increment: clock_script!("increment.lua"),
             add_unique: clock_script!("add_unique.lua"),
-            mark_active: Script::new(include_str!("lua/mark_active.lua")),
-            count_active: Script::new(include_str!("lua/count_active.lua")),
+            mark_active: super::script("mark_active.lua", include_str!("lua/mark_active.lua")),
+            count_active: super::script("count_active.lua", include_str!("lua/count_active.lua")),
         };
         Self { redis, keys, calendar, retention, active_window_max, scripts }
     }

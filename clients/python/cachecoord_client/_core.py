@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Generic, Optional, Tuple, TypeVar
 
 import grpc
 
+from ._otel import with_trace_context
 from .errors import from_rpc_error
 
 T = TypeVar("T")
@@ -84,11 +85,10 @@ class SyncRunner:
         method = getattr(self.stubs[op.service], op.method)
         attempts = self.policy.attempts(op)
         end = time.monotonic() + self.policy.budget(op, timeout)
+        metadata = with_trace_context(self.policy.metadata)
         for attempt in range(1, attempts + 1):
             try:
-                response = method(
-                    op.request, timeout=max(end - time.monotonic(), 0.0), metadata=self.policy.metadata
-                )
+                response = method(op.request, timeout=max(end - time.monotonic(), 0.0), metadata=metadata)
             except grpc.RpcError as err:
                 pause = self.policy.pause(attempt)
                 if attempt < attempts and _retryable(err) and time.monotonic() + pause < end:
@@ -115,11 +115,10 @@ class AsyncRunner:
         method = getattr(self.stubs[op.service], op.method)
         attempts = self.policy.attempts(op)
         end = time.monotonic() + self.policy.budget(op, timeout)
+        metadata = with_trace_context(self.policy.metadata)
         for attempt in range(1, attempts + 1):
             try:
-                response = await method(
-                    op.request, timeout=max(end - time.monotonic(), 0.0), metadata=self.policy.metadata
-                )
+                response = await method(op.request, timeout=max(end - time.monotonic(), 0.0), metadata=metadata)
             except grpc.RpcError as err:
                 pause = self.policy.pause(attempt)
                 if attempt < attempts and _retryable(err) and time.monotonic() + pause < end:

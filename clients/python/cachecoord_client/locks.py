@@ -14,6 +14,7 @@ import grpc
 
 from . import _convert as cv
 from ._core import AsyncRunner, Op, SyncRunner
+from ._otel import with_trace_context
 from ._proto.cachecoord.v1 import lock_pb2 as pb
 from .errors import DeadlineExceeded, LockLost, LockNotAcquired, from_rpc_error
 
@@ -120,7 +121,7 @@ class _SyncHold:
         # No deadline on the call: it would bound the whole hold. Only the wait for the
         # first answer is bounded, by cancelling the call when it runs out (the service
         # then gives up the wait, or releases a lock it granted just then).
-        self._call = stub.Hold(requests(), metadata=metadata)
+        self._call = stub.Hold(requests(), metadata=with_trace_context(metadata))
         expired = threading.Event()
 
         def expire() -> None:
@@ -279,7 +280,7 @@ class _AsyncHold:
         # No deadline on the call (it would bound the whole hold); only the wait for the
         # first answer is bounded. A timeout or a cancelled task cancels the call, and the
         # service then gives up the wait (or releases a lock it granted just then).
-        call = stub.Hold(metadata=metadata)
+        call = stub.Hold(metadata=with_trace_context(metadata))
         sent = time.monotonic()
 
         async def first_answer() -> Any:
