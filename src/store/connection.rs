@@ -463,27 +463,30 @@ impl Redis {
             .set_connection_timeout(Some(self.shared.timeout))
             .set_response_timeout(Some(self.shared.timeout))
             .set_push_sender(pushes);
-        let open = async {
+        let tracing = &self.shared.tracing;
+        let connect = |client: redis::Client| {
+            let config = config.clone();
+            async move {
+                let open = client.get_multiplexed_async_connection_with_config(&config);
+                Ok::<_, Error>(tracing.redis_op("connect tracking", open).await?)
+            }
+        };
+        self.bounded(async {
             match &*self.shared.kind {
-                Kind::Standalone(client) => {
-                    Ok((vec![client.get_multiplexed_async_connection_with_config(&config).await?], Vec::new()))
-                }
+                Kind::Standalone(client) => Ok((vec![connect(client.clone()).await?], Vec::new())),
                 Kind::Sentinel(sentinel) => {
                     let client = sentinel.lock().await.async_get_client().await?;
-                    Ok((vec![client.get_multiplexed_async_connection_with_config(&config).await?], Vec::new()))
+                    Ok((vec![connect(client).await?], Vec::new()))
                 }
                 Kind::Cluster { nodes, .. } => {
                     let masters = self.masters_now().await?;
-                    let opens = masters.iter().map(|master| async {
-                        let client = nodes.client(master)?;
-                        Ok::<_, Error>(client.get_multiplexed_async_connection_with_config(&config).await?)
-                    });
-                    let conns = futures::future::try_join_all(opens).await?;
+                    let clients = masters.iter().map(|master| nodes.client(master)).collect::<RedisResult<Vec<_>>>()?;
+                    let conns = futures::future::try_join_all(clients.into_iter().map(connect)).await?;
                     Ok((conns, masters))
                 }
             }
-        };
-        self.bounded(async { Ok(self.shared.tracing.redis_op("connect tracking", open).await?) }).await
+        })
+        .await
     }
 
     /// The cluster's masters now (`CLUSTER SLOTS` of any node), sorted;
