@@ -59,7 +59,15 @@ struct Row {
 pub async fn run() -> Fallible<(String, bool)> {
     let dir = tempfile::tempdir()?;
     let threshold = LOGGED_US.to_string();
-    let redis = RedisProc::start(&["--slowlog-log-slower-than", &threshold, "--slowlog-max-len", "100000"]).await?;
+    let redis = RedisProc::start(&[
+        "--slowlog-log-slower-than",
+        &threshold,
+        "--slowlog-max-len",
+        "100000",
+        "--appendonly",
+        "no",
+    ])
+    .await?;
     // A Redis timeout long enough to let every script finish, so the answer
     // shows what the service makes of the result rather than a timeout.
     let service = ServiceProc::start("budget", dir.path(), &redis.url(), "b", &["--redis-timeout", "30s"]).await?;
