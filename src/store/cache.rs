@@ -234,8 +234,9 @@ impl CacheStore {
     /// entry is then recorded in its tag indexes (a second round trip, since
     /// the indexes live in other slots).
     pub async fn set(&self, space: &Keys, write: &Write<'_>, condition: Condition) -> Result<bool> {
+        let entry_key = space.cache_entry(write.key);
         let mut call = self.scripts.set.prepare_invoke();
-        call.key(space.cache_entry(write.key));
+        call.key(&entry_key);
         call.arg(&self.channel).arg(write.value).arg(millis(write.ttl));
         call.arg(match condition {
             Condition::Always => "",
@@ -245,7 +246,7 @@ impl CacheStore {
         self.tag_args(space, &mut call, write.tags);
         let expiry: u64 = self.redis.invoke(&call).await?;
         if expiry > 0 {
-            self.record_tags(space, std::slice::from_ref(write), &[expiry]).await?;
+            self.record_tags(space, std::slice::from_ref(write), std::slice::from_ref(&entry_key), &[expiry]).await?;
         }
         Ok(expiry > 0)
     }
@@ -293,7 +294,7 @@ impl CacheStore {
                 expiries[i] = expiry;
             }
         }
-        self.record_tags(space, writes, &expiries).await?;
+        self.record_tags(space, writes, &entry_keys, &expiries).await?;
         Ok(writes.len() as u32)
     }
 
@@ -448,13 +449,14 @@ impl CacheStore {
     /// Stores a value under a fill lease; false when the lease is not
     /// current. A tagged entry is then recorded in its indexes.
     pub async fn fill(&self, space: &Keys, write: &Write<'_>, token: &str) -> Result<bool> {
+        let entry_key = space.cache_entry(write.key);
         let mut call = self.scripts.fill.prepare_invoke();
-        call.key(space.cache_entry(write.key)).key(space.cache_lease(write.key));
+        call.key(&entry_key).key(space.cache_lease(write.key));
         call.arg(&self.channel).arg(token).arg(write.value).arg(millis(write.ttl));
         self.tag_args(space, &mut call, write.tags);
         let expiry: u64 = self.redis.invoke(&call).await?;
         if expiry > 0 {
-            self.record_tags(space, std::slice::from_ref(write), &[expiry]).await?;
+            self.record_tags(space, std::slice::from_ref(write), std::slice::from_ref(&entry_key), &[expiry]).await?;
         }
         Ok(expiry > 0)
     }
@@ -550,8 +552,9 @@ impl CacheStore {
         Ok(at_most_a_few(calls.collect()).await?.into_iter().sum())
     }
 
-    /// Records each written entry in the indexes of its tags, at its expiry
-    /// (`expiries[i]` for `writes[i]`, as the write script returned it).
+    /// Records each written entry (`entry_keys[i]` for `writes[i]`) in the
+    /// indexes of its tags, at its expiry (`expiries[i]`, as the write
+    /// script returned it).
     ///
     /// After the write, not before: an invalidation that read the index
     /// before this record and deleted the entry's previous version may
@@ -559,14 +562,19 @@ impl CacheStore {
     /// record does (`tag_index.lua`). Recorded first, a member could be
     /// forgotten between the record and a write landing after the delete,
     /// leaving the new entry in no index.
-    async fn record_tags(&self, space: &Keys, writes: &[Write<'_>], expiries: &[u64]) -> Result<()> {
+    async fn record_tags(
+        &self,
+        space: &Keys,
+        writes: &[Write<'_>],
+        entry_keys: &[String],
+        expiries: &[u64],
+    ) -> Result<()> {
         if writes.iter().all(|w| w.tags.is_empty()) {
             return Ok(());
         }
-        let entry_keys: Vec<String> = writes.iter().map(|w| space.cache_entry(w.key)).collect();
         let mut by_index: Vec<(String, Vec<(&str, u64)>)> = Vec::new();
         let mut position: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-        for ((write, entry), &expiry) in writes.iter().zip(&entry_keys).zip(expiries) {
+        for ((write, entry), &expiry) in writes.iter().zip(entry_keys).zip(expiries) {
             for tag in write.tags {
                 let i = *position.entry(tag.as_str()).or_insert_with(|| {
                     by_index.push((space.cache_tag(tag), Vec::new()));
