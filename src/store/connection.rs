@@ -47,6 +47,7 @@ use std::{
 use arc_swap::ArcSwapOption;
 use deadpool::managed::{self, Object, RecycleError, RecycleResult};
 use deadpool_redis::Runtime;
+use futures::FutureExt;
 use redis::{
     AsyncConnectionConfig, Cmd, ConnectionAddr, ConnectionInfo, FromRedisValue, IntoConnectionInfo, ProtocolVersion,
     PushInfo, PushKind, RedisConnectionInfo, RedisError, RedisFuture, RedisResult, ScriptInvocation, TlsCertificates,
@@ -298,8 +299,8 @@ impl Redis {
     /// Bounds `op` by one `--redis-timeout` in all: for a call that takes a
     /// connection with [`Redis::connection`] and sends on it, each step
     /// bounded on its own, so that together they cannot take two.
-    pub async fn within_timeout<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
-        self.bounded(op).await
+    pub fn within_timeout<T>(&self, op: impl Future<Output = Result<T>>) -> impl Future<Output = Result<T>> {
+        self.bounded(op)
     }
 
     /// Runs a script on `conn` (from [`Redis::connection`]), bounded like
@@ -537,11 +538,15 @@ impl Redis {
         u64::try_from(self.shared.epoch.elapsed().as_micros()).unwrap_or(u64::MAX)
     }
 
-    async fn bounded<T>(&self, op: impl Future<Output = Result<T>>) -> Result<T> {
+    /// `op` within `--redis-timeout`. Not an `async fn`: that would hold
+    /// `op` twice in its state (the argument, and inside the timeout).
+    fn bounded<T>(&self, op: impl Future<Output = Result<T>>) -> impl Future<Output = Result<T>> {
         let timeout = self.shared.timeout;
-        tokio::time::timeout(timeout, op).await.unwrap_or_else(|_| {
-            self.shared.metrics.redis_error(metrics::RedisError::Timeout);
-            Err(Error::Unavailable(format!("no reply within {timeout:?}")))
+        tokio::time::timeout(timeout, op).map(move |result| {
+            result.unwrap_or_else(|_| {
+                self.shared.metrics.redis_error(metrics::RedisError::Timeout);
+                Err(Error::Unavailable(format!("no reply within {timeout:?}")))
+            })
         })
     }
 }
@@ -685,7 +690,10 @@ impl Slot {
         if self.link.swap(None).is_some() {
             self.lost.store(true, Ordering::Relaxed);
         }
-        let link = pool.get().await?;
+        // Boxed: opening a connection is rare, and its future (tens of KB,
+        // the topology's whole connect) would otherwise sit inline in every
+        // call's future, to be copied on every move.
+        let link = Box::pin(pool.get()).await?;
         if self.lost.swap(false, Ordering::Relaxed) {
             pool.manager().metrics.redis_reconnect();
         }
