@@ -61,8 +61,15 @@ const SCRIPTS_AT_ONCE: usize = 4;
 
 /// Runs `calls` at most [`SCRIPTS_AT_ONCE`] at a time; their results in
 /// order, or the first error.
-async fn at_most_a_few<T>(calls: Vec<impl Future<Output = Result<T>>>) -> Result<Vec<T>> {
+async fn at_most_a_few<T>(mut calls: Vec<impl Future<Output = Result<T>>>) -> Result<Vec<T>> {
     use futures::{StreamExt, TryStreamExt};
+    // One call (a single key, or a single server) is the common case: await
+    // it in place rather than through a stream's task and wake-ups.
+    if calls.len() == 1
+        && let Some(call) = calls.pop()
+    {
+        return Ok(vec![call.await?]);
+    }
     futures::stream::iter(calls).buffered(SCRIPTS_AT_ONCE).try_collect().await
 }
 

@@ -13,14 +13,14 @@ local budget = tonumber(ARGV[1])
 local used = 0
 local out = {}
 for i, e in ipairs(KEYS) do
-  local size = redis.call('STRLEN', e)
-  if i > 1 and used + size > budget then
+  -- The first key needs no size check (and a lone Get no STRLEN).
+  if i > 1 and used + redis.call('STRLEN', e) > budget then
     out[2 * i - 1] = ''
     out[2 * i] = -3
   else
     local value = redis.call('GET', e)
     if value then
-      used = used + size
+      used = used + #value
       out[2 * i - 1] = value
       out[2 * i] = redis.call('PTTL', e)
     else
