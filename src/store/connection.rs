@@ -885,3 +885,32 @@ impl Drop for Link {
         self.metrics.redis_connections(-1.0);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    /// Every call's future is moved a few times (into the handler's future,
+    /// into its task) and allocated once per call in flight: a few KB is
+    /// fine, tens of KB cost throughput and memory (the pool's connect
+    /// future inlined here once made each 22 KB).
+    #[test]
+    fn a_calls_future_stays_small() {
+        let config = Config::try_parse_from(["cachecoord"]).expect("defaults parse");
+        let redis = Redis::new(&config).expect("handle");
+        let script = redis::Script::new("return 1");
+        let invocation = script.prepare_invoke();
+        let cmd = redis::cmd("PING");
+        let sizes = [
+            ("invoke", std::mem::size_of_val(&redis.invoke::<Value>(&invocation))),
+            ("query", std::mem::size_of_val(&redis.query::<Value>(&cmd))),
+            ("connection", std::mem::size_of_val(&redis.connection())),
+        ];
+        for (call, size) in sizes {
+            println!("{call}: {size} bytes");
+            assert!(size <= 4096, "Redis::{call}'s future is {size} bytes");
+        }
+    }
+}
