@@ -321,11 +321,21 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let report = report(&args, &points, handoff, rss, &admitted);
     println!("{report}");
     if args.out != "-" {
-        std::fs::write(PathBuf::from(&args.out), report)?;
+        // Keep the hand-written sections after the marker, if the file has it.
+        let kept = std::fs::read_to_string(&args.out)
+            .ok()
+            .and_then(|old| old.find(HAND_WRITTEN).map(|at| old[at..].to_string()))
+            .unwrap_or_default();
+        let separator = if kept.is_empty() { "" } else { "\n" };
+        std::fs::write(PathBuf::from(&args.out), format!("{report}{separator}{kept}"))?;
         eprintln!("wrote {}", args.out);
     }
     Ok(())
 }
+
+/// The line in the report file after which the sections are written by
+/// hand: a run replaces only what is above it.
+const HAND_WRITTEN: &str = "<!-- Written by hand below this line";
 
 /// Cache.Get at 64 callers (the bar: metrics cost at most 3%)
 /// against an instance with metrics (or tracing) and one without, sharing
