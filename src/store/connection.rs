@@ -62,7 +62,10 @@ use redis::{
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::topology::{Auth, Node, Topology};
+use super::{
+    batch::Batched,
+    topology::{Auth, Node, Topology},
+};
 use crate::{
     config::Config,
     error::{Error, Result},
@@ -174,10 +177,11 @@ pub struct Link {
     metrics: Metrics,
 }
 
-/// A multiplexed connection to one server, or a cluster connection.
+/// A multiplexed connection to one server (with its batching queue), or a
+/// cluster connection.
 #[derive(Clone)]
 pub enum Wire {
-    Single(MultiplexedConnection),
+    Single(Arc<Batched>),
     Cluster(ClusterConnection),
 }
 
@@ -321,7 +325,8 @@ impl Redis {
         self.bounded(async {
             let wait = async {
                 match &mut conn.wire {
-                    Wire::Single(single) => cmd.query_async::<usize>(single).await,
+                    // Through the batch queue, behind what was sent before.
+                    wire @ Wire::Single(_) => cmd.query_async::<usize>(wire).await,
                     Wire::Cluster(cluster) => {
                         let route = Route::with_key(key, SlotAddr::Master);
                         let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route));
@@ -724,7 +729,9 @@ impl Wire {
     /// PING: the server, or every cluster primary.
     async fn ping(&mut self) -> RedisResult<()> {
         match self {
-            Wire::Single(conn) => redis::cmd("PING").query_async::<Value>(conn).await.map(drop),
+            // Through the batch queue: a fence PING must follow the command
+            // it fences.
+            wire @ Wire::Single(_) => redis::cmd("PING").query_async::<Value>(wire).await.map(drop),
             Wire::Cluster(conn) => {
                 let everywhere =
                     RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)));
@@ -737,7 +744,10 @@ impl Wire {
 impl ConnectionLike for Wire {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Wire::Single(conn) => conn.req_packed_command(cmd),
+            Wire::Single(single) => {
+                let (single, cmd) = (Arc::clone(single), cmd.clone());
+                Box::pin(async move { single.send(cmd).await })
+            }
             Wire::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
@@ -749,14 +759,18 @@ impl ConnectionLike for Wire {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Wire::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            // No store sends a pipeline; one sent beside the batch queue
+            // could overtake commands queued before it.
+            Wire::Single(_) => Box::pin(async {
+                Err(RedisError::from((redis::ErrorKind::Client, "pipelines are not sent on shared connections")))
+            }),
             Wire::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
-            Wire::Single(conn) => conn.get_db(),
+            Wire::Single(single) => single.db(),
             Wire::Cluster(conn) => conn.get_db(),
         }
     }
@@ -866,13 +880,13 @@ impl Manager {
         });
         let wire = match &*self.kind {
             Kind::Standalone(client) => {
-                Wire::Single(client.get_multiplexed_async_connection_with_config(&config).await?)
+                Wire::Single(Batched::new(client.get_multiplexed_async_connection_with_config(&config).await?))
             }
             Kind::Sentinel(sentinel) => {
                 // Where the master is now: the sentinels are asked at every
                 // connect, so a replaced connection follows a fail-over.
                 let client = sentinel.lock().await.async_get_client().await?;
-                Wire::Single(client.get_multiplexed_async_connection_with_config(&config).await?)
+                Wire::Single(Batched::new(client.get_multiplexed_async_connection_with_config(&config).await?))
             }
             Kind::Cluster { client, .. } => Wire::Cluster(client.get_async_connection().await?),
         };

@@ -5,6 +5,7 @@
 //! `Error::Unavailable` instead of a hung RPC. One file per service holds
 //! that service's operations and scripts.
 
+mod batch;
 pub mod cache;
 mod connection;
 pub mod invalidation;
