@@ -57,7 +57,7 @@ impl Drop for Outstanding<'_> {
 /// What [`Batched::enqueue`] did with a command.
 enum Queued {
     /// Not queued: send it alone, now.
-    No(Cmd),
+    No,
     /// Queued; `start`: no flush task is running, start one.
     Yes { start: bool },
 }
@@ -79,19 +79,18 @@ impl Batched {
     /// their replies (alone, at once, when none is: a lone caller gains
     /// nothing from waiting and would pay two task wake-ups); its reply (a
     /// server error as `Value::ServerError`, as for a lone command).
-    pub async fn send(self: &Arc<Self>, cmd: Cmd) -> RedisResult<Value> {
+    pub async fn send(self: &Arc<Self>, cmd: &Cmd) -> RedisResult<Value> {
         let counted = Outstanding::count(&self.outstanding);
         let (reply, replied) = oneshot::channel();
-        let queued = self.enqueue(counted.alone, cmd, reply);
-        let start = match queued {
-            Queued::No(cmd) => return self.conn.clone().req_packed_command(&cmd).await,
-            Queued::Yes { start } => start,
-        };
-        if start {
-            tokio::spawn(Arc::clone(self).flush());
+        match self.enqueue(counted.alone, cmd, reply) {
+            Queued::No => return self.conn.clone().req_packed_command(cmd).await,
+            Queued::Yes { start: true } => {
+                tokio::spawn(Arc::clone(self).flush());
+            }
+            Queued::Yes { start: false } => {}
         }
-        // Dropped unanswered only when the flush task ended without sending
-        // (the runtime shutting down).
+        // Dropped unanswered only when the batch was not sent or not
+        // answered whole (the runtime shutting down, a short reply).
         replied
             .await
             .unwrap_or_else(|_| Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::BrokenPipe))))
@@ -102,14 +101,15 @@ impl Batched {
         self.conn.get_db()
     }
 
-    /// Queues `cmd` unless it may go alone (`alone`, and nothing queued or
-    /// being queued: then nothing sent before can end up behind it).
-    fn enqueue(&self, alone: bool, cmd: Cmd, reply: oneshot::Sender<RedisResult<Value>>) -> Queued {
+    /// Queues a copy of `cmd` unless it may go alone (`alone`, and nothing
+    /// queued or being queued: then nothing sent before can end up behind
+    /// it).
+    fn enqueue(&self, alone: bool, cmd: &Cmd, reply: oneshot::Sender<RedisResult<Value>>) -> Queued {
         let mut queue = self.queue();
         if alone && queue.waiting.is_empty() && !queue.flushing {
-            return Queued::No(cmd);
+            return Queued::No;
         }
-        queue.waiting.push((cmd, reply));
+        queue.waiting.push((cmd.clone(), reply));
         Queued::Yes { start: !std::mem::replace(&mut queue.flushing, true) }
     }
 

@@ -499,7 +499,8 @@ impl Redis {
     /// none on a single server or through Sentinel.
     pub async fn cluster_masters(&self) -> Result<Vec<Node>> {
         match &*self.shared.kind {
-            Kind::Cluster { .. } => self.bounded(self.masters_now()).await,
+            // Bounded: its one command is.
+            Kind::Cluster { .. } => self.masters_now().await,
             _ => Ok(Vec::new()),
         }
     }
@@ -744,10 +745,7 @@ impl Wire {
 impl ConnectionLike for Wire {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Wire::Single(single) => {
-                let (single, cmd) = (Arc::clone(single), cmd.clone());
-                Box::pin(async move { single.send(cmd).await })
-            }
+            Wire::Single(single) => Box::pin(single.send(cmd)),
             Wire::Cluster(conn) => conn.req_packed_command(cmd),
         }
     }
