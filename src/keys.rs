@@ -38,10 +38,22 @@ impl Keys {
         Self { prefix: format!("{}:t:{tenant}", self.prefix) }
     }
 
+    /// The prefix followed by `parts`, in one allocation of the right size:
+    /// names are built for every key of every request, and `format!` took
+    /// 7% of the service's CPU in a GetMany of 100 keys.
+    fn name(&self, parts: &[&str]) -> String {
+        let mut name = String::with_capacity(self.prefix.len() + parts.iter().map(|part| part.len()).sum::<usize>());
+        name.push_str(&self.prefix);
+        for part in parts {
+            name.push_str(part);
+        }
+        name
+    }
+
     /// A cache entry (string). Its fill lease is `<entry>:lease` (string, the
     /// lease token) and its tag list `<entry>:tags` (set of tag-index keys).
     pub fn cache_entry(&self, key: &str) -> String {
-        format!("{}:c:{{{key}}}", self.prefix)
+        self.name(&[":c:{", key, "}"])
     }
 
     /// What every cache entry name of this key space starts with (and
@@ -61,12 +73,12 @@ impl Keys {
 
     /// The fill lease of a cache entry.
     pub fn cache_lease(&self, key: &str) -> String {
-        format!("{}:c:{{{key}}}:lease", self.prefix)
+        self.name(&[":c:{", key, "}:lease"])
     }
 
     /// A tag index (sorted set: entry key → entry expiry in Unix ms).
     pub fn cache_tag(&self, tag: &str) -> String {
-        format!("{}:tag:{{{tag}}}", self.prefix)
+        self.name(&[":tag:{", tag, "}"])
     }
 
     /// The base of counter `name`'s keys, never itself written. The Increment
@@ -74,12 +86,12 @@ impl Keys {
     /// `:m:<ms>`, `:h:<ms>`, `:d:<ms>` (string, the bucket starting at Unix
     /// ms `<ms>`), so every key of one counter shares the hash tag `{name}`.
     pub fn stats_counter(&self, name: &str) -> String {
-        format!("{}:st:{{{name}}}", self.prefix)
+        self.name(&[":st:{", name, "}"])
     }
 
     /// Counter `name`'s all-time total.
     pub fn stats_total(&self, name: &str) -> String {
-        format!("{}:st:{{{name}}}:total", self.prefix)
+        self.name(&[":st:{", name, "}:total"])
     }
 
     /// Counter `name`'s bucket of granularity `tag` (`m`, `h`, `d`) starting at
@@ -91,7 +103,7 @@ impl Keys {
     /// The base of unique set `name`'s keys; the AddUnique script appends
     /// `:d:<ms>` (HyperLogLog of the local day starting at Unix ms `<ms>`).
     pub fn stats_unique(&self, name: &str) -> String {
-        format!("{}:su:{{{name}}}", self.prefix)
+        self.name(&[":su:{", name, "}"])
     }
 
     /// Unique set `name`'s HyperLogLog for the day starting at Unix ms `start`.
@@ -102,12 +114,12 @@ impl Keys {
     /// A scratch HyperLogLog merging some of unique set `name`'s days for one
     /// CountUnique call (`token` is the call's); in their slot.
     pub fn stats_unique_merge(&self, name: &str, token: &str) -> String {
-        format!("{}:su:{{{name}}}:m:{token}", self.prefix)
+        self.name(&[":su:{", name, "}:m:", token])
     }
 
     /// Activity group `group` (sorted set: member → last seen, Unix ms).
     pub fn stats_active(&self, group: &str) -> String {
-        format!("{}:sa:{{{group}}}", self.prefix)
+        self.name(&[":sa:{", group, "}"])
     }
 
     /// The pub/sub channel that announces fills and voided leases; the
@@ -120,19 +132,19 @@ impl Keys {
     /// `n` count). No braces of ours: the caller's own `{tag}` in `key`, if
     /// any, is the hash tag, so the keys of one Check can share a slot.
     pub fn rate_limit_fixed(&self, key: &str) -> String {
-        format!("{}:rl:f:{key}", self.prefix)
+        self.name(&[":rl:f:", key])
     }
 
     /// Sliding-window state of rate-limit key `key` (hash: `w` window
     /// index, `c` its count, `p` the previous window's count).
     pub fn rate_limit_sliding(&self, key: &str) -> String {
-        format!("{}:rl:s:{key}", self.prefix)
+        self.name(&[":rl:s:", key])
     }
 
     /// Token-bucket (GCRA) state of rate-limit key `key` (hash: `t` time in
     /// Unix ms, `d` debt in unit-ms at that time).
     pub fn rate_limit_bucket(&self, key: &str) -> String {
-        format!("{}:rl:t:{key}", self.prefix)
+        self.name(&[":rl:t:", key])
     }
 
     /// A session (hash: `id`, `user`, `data` as a JSON object, `created` Unix
@@ -143,7 +155,7 @@ impl Keys {
     pub fn session(&self, session_id: &str) -> String {
         let split = session_id.char_indices().nth(USER_TAG_LEN).map_or(session_id.len(), |(i, _)| i);
         let (tag, rest) = session_id.split_at(split);
-        format!("{}:s:{{{tag}}}{rest}", self.prefix)
+        self.name(&[":s:{", tag, "}", rest])
     }
 
     /// A user's session index (sorted set: session key → creation time in
@@ -156,19 +168,19 @@ impl Keys {
     /// A token revocation (string `1`), named by the hex SHA-256 of the
     /// token, never the token; expires when the token does.
     pub fn revoked_token(&self, sha256_hex: &str) -> String {
-        format!("{}:rt:{{{sha256_hex}}}", self.prefix)
+        self.name(&[":rt:{", sha256_hex, "}"])
     }
 
     /// A held lock (hash: `lease`, `owner`, `token`), expiring with its lease.
     /// Its fencing counter is `<lock>:fence`.
     pub fn lock(&self, name: &str) -> String {
-        format!("{}:lock:{{{name}}}", self.prefix)
+        self.name(&[":lock:{", name, "}"])
     }
 
     /// The fencing counter of a lock name (string, integer). Never expires:
     /// it must outlive every lease, so one such key stays per name ever used.
     pub fn lock_fence(&self, name: &str) -> String {
-        format!("{}:lock:{{{name}}}:fence", self.prefix)
+        self.name(&[":lock:{", name, "}:fence"])
     }
 
     /// The pub/sub channel that announces released locks; the message is the

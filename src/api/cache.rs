@@ -58,9 +58,12 @@ impl CacheApi {
         limits.key(|| format!("{field}key"), key)?;
         limits.value(|| format!("{field}value"), value)?;
         let ttl = limits.ttl(|| format!("{field}ttl"), ttl, self.default_ttl)?;
-        let tags_field = format!("{field}tags");
-        limits.script_batch(&tags_field, tags.len(), limits.max_tags, "--cache-max-tags")?;
-        limits.keys(&tags_field, tags)?;
+        if !tags.is_empty() {
+            // Named only when there is something to check: most writes have no tags.
+            let tags_field = format!("{field}tags");
+            limits.script_batch(&tags_field, tags.len(), limits.max_tags, "--cache-max-tags")?;
+            limits.keys(&tags_field, tags)?;
+        }
         Ok(Write { key, value, ttl, tags })
     }
 }

@@ -34,7 +34,7 @@ impl RateLimitApi {
     fn limit<'a>(&self, limits: &Limits, i: usize, limit: &'a proto::Limit) -> Result<Limit<'a>, Error> {
         let field = |name: &str| format!("limits[{i}].{name}");
         limits.key(|| field("key"), &limit.key)?;
-        units(&field("limit"), limit.limit)?;
+        units(|| field("limit"), limit.limit)?;
         let period = limit.period.ok_or_else(|| Error::invalid(field("period"), "is required"))?;
         let period = limits.span(|| field("period"), period, false)?;
         if period.subsec_nanos() % 1_000_000 != 0 {
@@ -52,7 +52,7 @@ impl RateLimitApi {
                 return Err(Error::invalid(field("burst"), "is only for ALGORITHM_TOKEN_BUCKET"));
             }
             Some(burst) => {
-                units(&field("burst"), burst)?;
+                units(|| field("burst"), burst)?;
                 // The bucket's state lives until it is full again, so that
                 // must come within the longest TTL: burst x period / limit.
                 let max_ms = limits.max_ttl.as_millis();
@@ -80,12 +80,14 @@ impl RateLimitApi {
         bounds.batch("limits", request.limits.len())?;
         bounds.script_batch("limits", request.limits.len(), bounds.max_rate_limits, "--rate-limit-max-limits")?;
         let cost = request.cost.unwrap_or(1);
-        units("cost", cost)?;
-        let mut seen = HashMap::with_capacity(request.limits.len());
+        units(|| "cost".into(), cost)?;
+        let mut seen = HashMap::new();
         let mut limits = Vec::with_capacity(request.limits.len());
         for (i, limit) in request.limits.iter().enumerate() {
             let limit = self.limit(bounds, i, limit)?;
-            if let Some(first) = seen.insert(limit.key, i) {
+            // Most checks have one limit: it needs no map.
+            let repeat = if request.limits.len() > 1 { seen.insert(limit.key, i) } else { None };
+            if let Some(first) = repeat {
                 return Err(Error::invalid(
                     format!("limits[{i}].key"),
                     format!("must be unique within the request (repeats limits[{first}].key)"),
@@ -104,13 +106,13 @@ impl RateLimitApi {
     }
 }
 
-/// A count of units: 1..=MAX_UNITS.
-fn units(field: &str, value: u64) -> Result<(), Error> {
+/// A count of units: 1..=MAX_UNITS. `field` names it, built only for an error.
+fn units(field: impl Fn() -> String, value: u64) -> Result<(), Error> {
     if value == 0 {
-        return Err(Error::invalid(field, "must be at least 1"));
+        return Err(Error::invalid(field(), "must be at least 1"));
     }
     if value > MAX_UNITS {
-        return Err(Error::invalid(field, format!("must be at most {MAX_UNITS} (2^53)")));
+        return Err(Error::invalid(field(), format!("must be at most {MAX_UNITS} (2^53)")));
     }
     Ok(())
 }

@@ -174,19 +174,13 @@ impl RateLimitStore {
     pub async fn check_each(&self, space: &Keys, parts: &[Part<'_>]) -> Result<Vec<Decision>> {
         let keys: Vec<String> = parts.iter().map(|part| self.state_key(space, &part.limit)).collect();
         let groups = self.redis.slot_groups(keys.iter().map(String::as_str));
-        let keys = &keys;
-        let runs = groups.iter().map(|group| async move {
-            let mut call = self.check.prepare_invoke();
-            for &i in group {
-                let part = &parts[i];
-                let limit = &part.limit;
-                call.key(&keys[i]);
-                call.arg(limit.algorithm.code()).arg(limit.limit).arg(limit.period_ms).arg(limit.burst);
-                call.arg(part.cost).arg(part.flags());
-            }
-            let reply: Vec<i64> = self.redis.invoke(&call).await?;
-            parse_check(&reply, group.len())
-        });
+        if let [group] = groups.as_slice() {
+            // One slot (always on a single server): the script alone is
+            // all-or-nothing, and the group holds every part in order.
+            let verdict = self.check_slot(&keys, parts, group).await?;
+            return Ok(verdict.into_iter().map(|(decision, _)| decision).collect());
+        }
+        let runs = groups.iter().map(|group| self.check_slot(&keys, parts, group));
         let verdicts = futures::future::try_join_all(runs).await?;
         // A slot went through when every part of it that is not advisory allowed.
         let through = |group: &[usize], verdict: &[(Decision, i64)]| {
@@ -207,7 +201,7 @@ impl RateLimitStore {
                     .map(|(&i, (_, window))| (i, *window))
                     .collect();
                 if !taken.is_empty() {
-                    refunds.push(self.refund(taken, keys, parts));
+                    refunds.push(self.refund(taken, &keys, parts));
                 }
             }
             for (&i, (mut decision, _)) in group.iter().zip(verdict) {
@@ -222,6 +216,21 @@ impl RateLimitStore {
             .into_iter()
             .map(|decision| decision.ok_or_else(|| Error::Internal("a limit without a verdict".into())))
             .collect()
+    }
+
+    /// Decides (and, if all its enforced parts allow, consumes) the parts
+    /// of one slot's `group` in one script call.
+    async fn check_slot(&self, keys: &[String], parts: &[Part<'_>], group: &[usize]) -> Result<Vec<(Decision, i64)>> {
+        let mut call = self.check.prepare_invoke();
+        for &i in group {
+            let part = &parts[i];
+            let limit = &part.limit;
+            call.key(&keys[i]);
+            call.arg(limit.algorithm.code()).arg(limit.limit).arg(limit.period_ms).arg(limit.burst);
+            call.arg(part.cost).arg(part.flags());
+        }
+        let reply: Vec<i64> = self.redis.invoke(&call).await?;
+        parse_check(&reply, group.len())
     }
 
     /// Gives back what a check consumed from one slot's parts: `taken` holds
