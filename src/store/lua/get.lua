@@ -1,32 +1,41 @@
 -- Reads entries with their remaining TTL, copying a bounded number of value
 -- bytes: every value through Lua costs Redis time (about 3 ms per MiB).
 -- KEYS: entry keys.
--- ARGV[1]: byte budget. The first key's value is always read; a later one
---          only while the values read so far plus it fit the budget.
+-- ARGV[1]: byte budget. Values are read in order while the bytes read stay
+--          within it, the first always; the read stops once the budget is
+--          spent or at the first value that does not fit, which is dropped
+--          (read in vain: at most one value per call, against a STRLEN for
+--          every key, which took a fifth of Redis's time in a read of 100
+--          small values).
 -- Returns: a flat list with two items per key, in order: the value and its
 -- PTTL in ms (-1: no expiry); a miss is '', -2; a value left for another
--- call (over the budget) is '', -3. Flat, and no Lua false (a RESP3 client
--- would read it as a boolean): nested tables cost Redis more CPU than the
--- reads themselves.
+-- call (the one over the budget and every one after it) is '', -3. Flat,
+-- and no Lua false (a RESP3 client would read it as a boolean): nested
+-- tables cost Redis more CPU than the reads themselves.
 -- A script rather than a pipeline so each value and its TTL belong together.
 local budget = tonumber(ARGV[1])
 local used = 0
 local out = {}
-for i, e in ipairs(KEYS) do
-  -- The first key needs no size check (and a lone Get no STRLEN).
-  if i > 1 and used + redis.call('STRLEN', e) > budget then
-    out[2 * i - 1] = ''
-    out[2 * i] = -3
-  else
-    local value = redis.call('GET', e)
-    if value then
-      used = used + #value
-      out[2 * i - 1] = value
-      out[2 * i] = redis.call('PTTL', e)
-    else
-      out[2 * i - 1] = ''
-      out[2 * i] = -2
+local n = #KEYS
+local i = 1
+while i <= n and (i == 1 or used < budget) do
+  local e = KEYS[i]
+  local value = redis.call('GET', e)
+  if value then
+    used = used + #value
+    if i > 1 and used > budget then
+      break
     end
+    out[2 * i - 1] = value
+    out[2 * i] = redis.call('PTTL', e)
+  else
+    out[2 * i - 1] = ''
+    out[2 * i] = -2
   end
+  i = i + 1
+end
+for j = i, n do
+  out[2 * j - 1] = ''
+  out[2 * j] = -3
 end
 return out
