@@ -19,7 +19,7 @@ pub mod config;
 pub mod reload;
 pub mod yaml;
 
-use std::{collections::HashMap, time::Duration};
+use std::{borrow::Cow, collections::HashMap, time::Duration};
 
 use crate::store::rate_limit::Decision;
 
@@ -298,24 +298,26 @@ pub fn plan(rules: &Rules, domain: &str, descriptors: &[Descriptor<'_>]) -> Plan
     if !rules.has_domain(domain) {
         return Plan { verdicts: vec![Verdict::NoLimit; descriptors.len()], counters: Vec::new() };
     }
-    let found: Vec<Option<RateLimit>> = descriptors
+    // Borrowed from the rules, so a request copies no limit (names,
+    // replaces); an override is the request's own.
+    let found: Vec<Option<Cow<'_, RateLimit>>> = descriptors
         .iter()
         .map(|d| match d.limit_override {
-            Some((requests, unit)) => Some(RateLimit {
+            Some((requests, unit)) => Some(Cow::Owned(RateLimit {
                 quota: Quota::PerUnit { requests, unit },
                 name: None,
                 replaces: Vec::new(),
                 shadow_mode: false,
                 detailed_metric: false,
-            }),
-            None => rules.find(domain, &d.entries).cloned(),
+            })),
+            None => rules.find(domain, &d.entries).map(Cow::Borrowed),
         })
         .collect();
     let replaced: Vec<&str> = found.iter().flatten().flat_map(|l| l.replaces.iter().map(String::as_str)).collect();
 
     let mut plan = Plan::default();
     let mut by_key: HashMap<String, usize> = HashMap::new();
-    for (descriptor, limit) in descriptors.iter().zip(&found) {
+    for (descriptor, limit) in descriptors.iter().zip(found.iter().map(Option::as_deref)) {
         let verdict = match limit {
             None => Verdict::NoLimit,
             Some(limit) if limit.name.as_deref().is_some_and(|name| replaced.contains(&name)) => Verdict::NoLimit,
