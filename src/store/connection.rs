@@ -195,6 +195,9 @@ pub struct Conn {
     closed: Arc<AtomicBool>,
     /// The slot's load, counted while calls on this share are pending.
     load: Arc<Load>,
+    /// A call on this share saw the socket closed (not just the connection
+    /// retired, which a live connection may be).
+    dropped: bool,
 }
 
 /// One command in flight: its place under the bound and its count in the
@@ -722,7 +725,7 @@ impl Link {
     }
 
     fn share(&self, load: &Arc<Load>) -> Conn {
-        Conn { wire: self.wire.clone(), closed: Arc::clone(&self.closed), load: Arc::clone(load) }
+        Conn { wire: self.wire.clone(), closed: Arc::clone(&self.closed), load: Arc::clone(load), dropped: false }
     }
 }
 
@@ -821,17 +824,24 @@ impl Drop for InFlight {
 }
 
 impl Conn {
+    /// Whether a call on this share saw the socket closed. A command sent on
+    /// it that got no reply then either ran or never will: once the socket
+    /// is closed, nothing sent on it can still reach Redis, so a follow-up
+    /// may go out on another connection.
+    pub fn is_dropped(&self) -> bool {
+        self.dropped
+    }
+
     /// Passes `result` through; if it shows a single-server connection is
     /// broken (closed socket, protocol error) or no longer the master
     /// (`READONLY`), marks it dead so its slot replaces it.
-    fn check<T>(&self, result: RedisResult<T>) -> RedisResult<T> {
-        if let (Wire::Single(_), Err(err)) = (&self.wire, &result)
-            && (err.is_io_error()
-                || err.is_connection_dropped()
-                || err.is_unrecoverable_error()
-                || err.code() == Some("READONLY"))
-        {
-            self.closed.store(true, Ordering::Release);
+    fn check<T>(&mut self, result: RedisResult<T>) -> RedisResult<T> {
+        if let (Wire::Single(_), Err(err)) = (&self.wire, &result) {
+            let dropped = err.is_io_error() || err.is_connection_dropped();
+            if dropped || err.is_unrecoverable_error() || err.code() == Some("READONLY") {
+                self.closed.store(true, Ordering::Release);
+            }
+            self.dropped |= dropped;
         }
         result
     }

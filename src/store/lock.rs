@@ -206,9 +206,21 @@ impl LockStore {
         let mut conn = self.redis.connection().await?;
         let guard = ReleaseOnDrop { store: Arc::clone(self), key, lease_id, conn: Some(conn.clone()) };
         let sent = Instant::now();
-        // On an error (a timeout) the script may still run later: the guard
-        // stays armed and releases it.
-        let reply: Vec<Value> = self.redis.invoke_on(&mut conn, &call).await?;
+        let reply: Vec<Value> = match self.redis.invoke_on(&mut conn, &call).await {
+            Ok(reply) => reply,
+            // The connection died with the script in flight: it ran or it
+            // never will, so what it may have taken is given back now, on
+            // another connection, and the failed call leaves no lease behind
+            // (the guard's release would go out on the dead connection).
+            Err(err) if conn.is_dropped() => {
+                guard.disarm();
+                self.give_back(key, lease_id, None).await;
+                return Err(err);
+            }
+            // Otherwise (a timeout) the script may still run later: the
+            // guard stays armed and releases it behind it, on its connection.
+            Err(err) => return Err(err),
+        };
         match reply.as_slice() {
             [Value::Int(1), Value::Int(token)] => {
                 let fencing_token = u64::try_from(*token).map_err(|_| Error::Internal(format!("token {token}")))?;
@@ -236,11 +248,52 @@ impl LockStore {
     }
 
     /// Releases the lease; false when it is not the holder's.
+    ///
+    /// If the connection dies with the release in flight, the release is
+    /// sent again on another connection (it is idempotent, and the first
+    /// either ran or never will): a lease that was still the holder's is
+    /// then released (true); if it no longer was, the first may have
+    /// released it, which cannot be told, so the error stands. Either way the
+    /// lease no longer holds the lock.
     pub async fn release(&self, space: &Keys, name: &str, lease_id: &str) -> Result<bool> {
         let mut call = self.scripts.release.prepare_invoke();
         call.key(space.lock(name)).arg(lease_id).arg(&self.channel);
-        let released: i64 = self.redis.invoke(&call).await?;
-        Ok(released == 1)
+        let first = async {
+            let mut conn = self.redis.connection().await?;
+            let result = self.redis.invoke_on::<i64>(&mut conn, &call).await;
+            Ok::<_, Error>((result, conn.is_dropped()))
+        };
+        match self.redis.within_timeout(first).await? {
+            (Ok(released), _) => Ok(released == 1),
+            (Err(err), true) => match self.redis.invoke::<i64>(&call).await? {
+                1 => Ok(true),
+                _ => Err(err),
+            },
+            (Err(err), false) => Err(err),
+        }
+    }
+
+    /// Releases `lease_id` of lock `key` if it still holds it, for a lease
+    /// whose taker gave up or failed: on `conn`, the connection the acquire
+    /// went out on (so Redis runs it after the acquire, never before), or on
+    /// any connection when there is none or it died (then the acquire ran
+    /// or never will). Logs what could not be released.
+    async fn give_back(&self, key: &str, lease_id: &str, conn: Option<&mut Conn>) {
+        let mut call = self.scripts.release.prepare_invoke();
+        call.key(key).arg(lease_id).arg(&self.channel);
+        let result = match conn {
+            Some(conn) => match self.redis.invoke_on::<i64>(conn, &call).await {
+                Err(_) if conn.is_dropped() => self.redis.invoke::<i64>(&call).await,
+                result => result,
+            },
+            None => self.redis.invoke::<i64>(&call).await,
+        };
+        match result {
+            Ok(1) => tracing::debug!(%key, "released a lock its caller gave up on"),
+            Ok(_) => {}
+            // The lease then ends with its TTL.
+            Err(err) => tracing::warn!(%err, %key, "could not release a lock its caller gave up on"),
+        }
     }
 
     /// Sets the lease to end `ttl` from now; the new lease floor (as in
@@ -298,16 +351,7 @@ impl Drop for ReleaseOnDrop<'_> {
         let Some(mut conn) = self.conn.take() else { return };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let (store, key, lease_id) = (Arc::clone(&self.store), self.key.to_string(), self.lease_id.to_string());
-        runtime.spawn(async move {
-            let mut call = store.scripts.release.prepare_invoke();
-            call.key(&key).arg(&lease_id).arg(&store.channel);
-            match store.redis.invoke_on::<i64>(&mut conn, &call).await {
-                Ok(1) => tracing::debug!(%key, "released a lock its caller gave up on"),
-                Ok(_) => {}
-                // The lease then ends with its TTL.
-                Err(err) => tracing::warn!(%err, %key, "could not release a lock its caller gave up on"),
-            }
-        });
+        runtime.spawn(async move { store.give_back(&key, &lease_id, Some(&mut conn)).await });
     }
 }
 
