@@ -175,6 +175,9 @@ pub struct Link {
     closed: Arc<AtomicBool>,
     /// Counts the connection open until the pool drops it.
     metrics: Metrics,
+    /// When it was opened: a connection opened before one that found the
+    /// server no longer the master reached that server too.
+    opened: Instant,
 }
 
 /// A multiplexed connection to one server (with its batching queue), or a
@@ -198,6 +201,8 @@ pub struct Conn {
     /// A call on this share saw the socket closed (not just the connection
     /// retired, which a live connection may be).
     dropped: bool,
+    /// When the connection was opened.
+    opened: Instant,
 }
 
 /// One command in flight: its place under the bound and its count in the
@@ -398,6 +403,13 @@ impl Redis {
         metrics.redis_done(started, is_script);
         if let Err(err) = &result {
             metrics.redis_error(metrics::RedisError::of(err));
+            if matches!(conn.wire, Wire::Single(_)) && err.code() == Some("READONLY") {
+                // The server is no longer the master (a Sentinel fail-over
+                // with the old master alive): every connection opened up to
+                // this one reached it too, and an idle slot would otherwise
+                // keep it until a write of its own failed there.
+                self.shared.slots.iter().for_each(|slot| slot.retire_opened_by(conn.opened));
+            }
         }
         Ok(conn.check(result)?)
     }
@@ -717,6 +729,15 @@ impl Slot {
             link.closed.store(true, Ordering::Release);
         }
     }
+
+    /// Retires the current connection if it was opened by `opened`.
+    fn retire_opened_by(&self, opened: Instant) {
+        if let Some(link) = self.link.load().as_deref()
+            && link.opened <= opened
+        {
+            link.closed.store(true, Ordering::Release);
+        }
+    }
 }
 
 impl Link {
@@ -725,7 +746,13 @@ impl Link {
     }
 
     fn share(&self, load: &Arc<Load>) -> Conn {
-        Conn { wire: self.wire.clone(), closed: Arc::clone(&self.closed), load: Arc::clone(load), dropped: false }
+        Conn {
+            wire: self.wire.clone(),
+            closed: Arc::clone(&self.closed),
+            load: Arc::clone(load),
+            dropped: false,
+            opened: self.opened,
+        }
     }
 }
 
@@ -898,7 +925,7 @@ impl Manager {
             }
             Kind::Cluster { client, .. } => Wire::Cluster(client.get_async_connection().await?),
         };
-        Ok(Link { wire, closed, metrics: self.metrics.clone() })
+        Ok(Link { wire, closed, metrics: self.metrics.clone(), opened: Instant::now() })
     }
 }
 
