@@ -474,6 +474,12 @@ impl Load {
     /// out a lease whose release failed during the fault.)
     async fn recovered_within(&self, limit: Duration) -> Duration {
         let started = std::time::Instant::now();
+        // Calls made before now do not count: a streak begun before the
+        // fault took effect (a demoted master answers until it is written
+        // to) would pass for a recovery.
+        for streak in self.streaks.iter() {
+            streak.store(0, Ordering::SeqCst);
+        }
         let recovering = |(task, streak): (usize, &AtomicU64)| task % 4 != 3 && streak.load(Ordering::SeqCst) < 50;
         while self.streaks.iter().enumerate().any(recovering) {
             let streaks: Vec<u64> = self.streaks.iter().map(|s| s.load(Ordering::SeqCst)).collect();

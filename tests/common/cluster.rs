@@ -131,9 +131,15 @@ impl RedisCluster {
         let old = self.master_of(key).await;
         let replica = self.replica_of(old).await;
         let mut conn = self.node(replica).await;
-        let _: () = redis::cmd("CLUSTER").arg("FAILOVER").query_async(&mut conn).await.expect("CLUSTER FAILOVER");
-        self.wait_for_master(key, |port| port == replica).await;
-        replica
+        // Redis drops a manual fail-over its master has not completed within
+        // 5 s (a replica still catching up on a loaded machine): ask again.
+        for _ in 0..4 {
+            let _: () = redis::cmd("CLUSTER").arg("FAILOVER").query_async(&mut conn).await.expect("CLUSTER FAILOVER");
+            if self.master_within(key, |port| port == replica, 240).await {
+                return replica;
+            }
+        }
+        panic!("the slot of {key:?} never moved to {replica}");
     }
 
     /// Kills the master serving `key` (SIGKILL); returns its port once a
@@ -230,13 +236,19 @@ impl RedisCluster {
     }
 
     async fn wait_for_master(&self, key: &str, done: impl Fn(u16) -> bool) {
-        for _ in 0..800 {
+        assert!(self.master_within(key, done, 800).await, "the slot of {key:?} never moved");
+    }
+
+    /// Whether the cluster is stable with `key`'s master `done` within
+    /// `polls` polls, 25 ms apart.
+    async fn master_within(&self, key: &str, done: impl Fn(u16) -> bool, polls: usize) -> bool {
+        for _ in 0..polls {
             if self.stable().await && done(self.master_of(key).await) {
-                return;
+                return true;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("the slot of {key:?} never moved");
+        false
     }
 }
 
