@@ -204,17 +204,18 @@ impl LockStore {
         let mut call = self.scripts.acquire.prepare_invoke();
         call.key(key).key(fence).arg(lease_id).arg(owner).arg(millis(ttl));
         let mut conn = self.redis.connection().await?;
-        let guard = ReleaseOnDrop { store: Arc::clone(self), key, lease_id, conn: Some(conn.clone()) };
+        let mut guard = ReleaseOnDrop { store: Arc::clone(self), key, lease_id, conn: Some(conn.clone()), armed: true };
         let sent = Instant::now();
         let reply: Vec<Value> = match self.redis.invoke_on(&mut conn, &call).await {
             Ok(reply) => reply,
             // The connection died with the script in flight: it ran or it
             // never will, so what it may have taken is given back now, on
-            // another connection, and the failed call leaves no lease behind
-            // (the guard's release would go out on the dead connection).
+            // another connection, before the call answers (and by the guard,
+            // in the background, if the timeout cuts this short).
             Err(err) if conn.is_dropped() => {
-                guard.disarm();
+                guard.conn = None;
                 self.give_back(key, lease_id, None).await;
+                guard.disarm();
                 return Err(err);
             }
             // Otherwise (a timeout) the script may still run later: the
@@ -258,19 +259,20 @@ impl LockStore {
     pub async fn release(&self, space: &Keys, name: &str, lease_id: &str) -> Result<bool> {
         let mut call = self.scripts.release.prepare_invoke();
         call.key(space.lock(name)).arg(lease_id).arg(&self.channel);
-        let first = async {
-            let mut conn = self.redis.connection().await?;
-            let result = self.redis.invoke_on::<i64>(&mut conn, &call).await;
-            Ok::<_, Error>((result, conn.is_dropped()))
-        };
-        match self.redis.within_timeout(first).await? {
-            (Ok(released), _) => Ok(released == 1),
-            (Err(err), true) => match self.redis.invoke::<i64>(&call).await? {
-                1 => Ok(true),
-                _ => Err(err),
-            },
-            (Err(err), false) => Err(err),
-        }
+        // One --redis-timeout in all, the second sending included.
+        self.redis
+            .within_timeout(async {
+                let mut conn = self.redis.connection().await?;
+                match self.redis.invoke_on::<i64>(&mut conn, &call).await {
+                    Ok(released) => Ok(released == 1),
+                    Err(err) if conn.is_dropped() => match self.redis.invoke::<i64>(&call).await? {
+                        1 => Ok(true),
+                        _ => Err(err),
+                    },
+                    Err(err) => Err(err),
+                }
+            })
+            .await
     }
 
     /// Releases `lease_id` of lock `key` if it still holds it, for a lease
@@ -335,23 +337,29 @@ struct ReleaseOnDrop<'a> {
     key: &'a str,
     /// The lease id the attempt asked for.
     lease_id: &'a str,
-    /// The attempt's connection (a clone shares it); `None` once disarmed.
+    /// The attempt's connection (a clone shares it); `None`: any connection
+    /// will do (the attempt's died).
     conn: Option<Conn>,
+    /// Whether a drop releases; lowered once the caller owns the outcome.
+    armed: bool,
 }
 
 impl ReleaseOnDrop<'_> {
     /// The reply is in: from here on the caller owns the outcome.
     fn disarm(mut self) {
-        self.conn = None;
+        self.armed = false;
     }
 }
 
 impl Drop for ReleaseOnDrop<'_> {
     fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else { return };
+        if !self.armed {
+            return;
+        }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let (store, key, lease_id) = (Arc::clone(&self.store), self.key.to_string(), self.lease_id.to_string());
-        runtime.spawn(async move { store.give_back(&key, &lease_id, Some(&mut conn)).await });
+        let mut conn = self.conn.take();
+        runtime.spawn(async move { store.give_back(&key, &lease_id, conn.as_mut()).await });
     }
 }
 
