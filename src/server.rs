@@ -37,6 +37,15 @@ use crate::{
     },
 };
 
+/// How many streams a client may open and reset before the server has taken
+/// them up, per connection, before the connection is closed with
+/// ENHANCE_YOUR_CALM (HTTP/2's rapid-reset guard). h2's default, 20, is met by
+/// honest clients whenever an instance stalls (a pause, CPU throttling): every
+/// caller's deadline passes and its reset is read in the same burst as its
+/// request, and the whole connection, with the calls still in flight on it,
+/// fails RESOURCE_EXHAUSTED. A bound stays, so the queue's memory stays bounded.
+pub const MAX_PENDING_RESET_STREAMS: usize = 1024;
+
 /// Serves on `listener` until `shutdown` resolves, then reports NOT_SERVING,
 /// lets in-flight RPCs finish for up to `--shutdown-grace`, and returns.
 pub async fn run(
@@ -172,6 +181,7 @@ pub async fn run(
     // Outermost: the RPC's trace span covers everything below, and its
     // trace id reaches the log span made next.
     let router = Server::builder()
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESET_STREAMS))
         .layer(tracing.layer())
         .layer(
             TraceLayer::new_for_grpc()
