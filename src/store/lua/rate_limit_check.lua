@@ -25,7 +25,12 @@
 -- Written for Redis's CPU, as this runs once per Check: the deciders return
 -- plain values rather than tables, and nothing builds a closure per limit
 -- (a general script with tables took 7.6 us of Redis per one-bucket check,
--- this one 6.9 us, a one-bucket-only script 5.3 us).
+-- this one 6.9 us, a one-bucket-only script 5.3 us). Every run of a script
+-- makes its functions afresh, so only those every check needs sit at the top
+-- (the sliding window's helpers live inside it), and no table maps names to
+-- deciders. Numbers go to redis.call as numbers: Redis writes them with 17
+-- significant digits, exact for these integers, without a string.format of
+-- ours (together 7% less Redis time per check than with both).
 --
 -- Clock: Redis TIME, read once, in whole milliseconds; never the caller's.
 -- Arithmetic: integers only (ms, units); Lua's doubles hold them exactly
@@ -44,7 +49,7 @@
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 
-local floor, max, format, find = math.floor, math.max, string.format, string.find
+local floor, max, find = math.floor, math.max, string.find
 
 -- floor(a / b) for integers a >= 0, b > 0, corrected where the float
 -- division rounded up to the next integer.
@@ -65,11 +70,6 @@ local function cdiv(a, b)
     q = q + 1
   end
   return q
-end
-
--- An integer as a string, all digits (tostring would round to 14).
-local function int(x)
-  return format('%.0f', x)
 end
 
 -- Each decider returns: ok, retry ms, remaining (as is, after taking cost),
@@ -95,25 +95,25 @@ local function fixed(key, limit, period, _, cost)
     reset_now = left
   end
   return ok, retry, max(0, limit - n), max(0, limit - n - cost), reset_now, left, left, w,
-    'w', int(w), 'n', int(n + cost)
-end
-
--- The sliding window's remaining count and reset time with `c` counted in
--- window w (weighted: what window w - 1 still counts, times period).
-local function sliding_remaining(cap, weighted, c, period)
-  return idiv(max(0, cap - weighted - c * period), period)
-end
-
-local function sliding_reset(c, prev, period, e)
-  if c > 0 then
-    return 2 * period - e
-  elseif prev > 0 then
-    return period - e
-  end
-  return 0
+    'w', w, 'n', n + cost
 end
 
 local function sliding(key, limit, period, _, cost)
+  -- The sliding window's remaining count and reset time with `c` counted in
+  -- window w (weighted: what window w - 1 still counts, times period).
+  local function sliding_remaining(cap, weighted, c, period)
+    return idiv(max(0, cap - weighted - c * period), period)
+  end
+
+  local function sliding_reset(c, prev, period, e)
+    if c > 0 then
+      return 2 * period - e
+    elseif prev > 0 then
+      return period - e
+    end
+    return 0
+  end
+
   local w = idiv(now, period)
   local e = now - w * period
   local s = redis.call('HMGET', key, 'w', 'c', 'p')
@@ -152,7 +152,7 @@ local function sliding(key, limit, period, _, cost)
   return ok, retry, sliding_remaining(cap, weighted, curr, period),
     sliding_remaining(cap, weighted, curr + cost, period), sliding_reset(curr, prev, period, e),
     sliding_reset(curr + cost, prev, period, e), 2 * period - e, w,
-    'w', int(w), 'c', int(curr + cost), 'p', int(prev)
+    'w', w, 'c', curr + cost, 'p', prev
 end
 
 local function bucket(key, limit, period, burst, cost)
@@ -173,10 +173,8 @@ local function bucket(key, limit, period, burst, cost)
   local full_in = cdiv(debt + take, limit)
   return ok, retry, idiv(max(0, cap - debt), period), idiv(max(0, cap - debt - take), period),
     cdiv(debt, limit), full_in, full_in, 0,
-    't', int(now), 'd', int(debt + take)
+    't', now, 'd', debt + take
 end
-
-local deciders = {f = fixed, s = sliding, t = bucket}
 
 -- Writes a decision's state when `consume` and it allows; returns its five
 -- reply values.
@@ -191,18 +189,23 @@ local function settle(key, consume, ok, retry, r0, r1, s0, s1, ttl, w, f1, v1, f
   else
     redis.call('HSET', key, f1, v1, f2, v2)
   end
-  redis.call('PEXPIRE', key, int(ttl))
+  redis.call('PEXPIRE', key, ttl)
   return 1, r1, s1, retry, w
 end
 
 local function decide(i)
   local base = (i - 1) * 6
-  local decider = deciders[ARGV[base + 1]]
-  if not decider then
-    error('unknown algorithm ' .. tostring(ARGV[base + 1]))
+  local algorithm, key = ARGV[base + 1], KEYS[i]
+  local limit, period, burst, cost = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]),
+    tonumber(ARGV[base + 5])
+  if algorithm == 't' then
+    return bucket(key, limit, period, burst, cost)
+  elseif algorithm == 's' then
+    return sliding(key, limit, period, burst, cost)
+  elseif algorithm == 'f' then
+    return fixed(key, limit, period, burst, cost)
   end
-  return decider(KEYS[i], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]),
-    tonumber(ARGV[base + 5]))
+  error('unknown algorithm ' .. tostring(algorithm))
 end
 
 local function has(flags, flag)
