@@ -144,7 +144,11 @@ async fn burst_of_resets(server: &TestServer, resets: u32) -> Result<(), u32> {
     let last = 2 * resets + 1;
     burst.extend(h2_frame(HEADERS, END_HEADERS, last, &health_check_headers(resets == 0)));
     burst.extend(h2_frame(DATA, END_STREAM, last, &[0, 0, 0, 0, 0])); // an empty message
-    let mut socket = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    // Room for the whole burst, so the write never waits for the server to
+    // read (which would let it take up streams before their resets arrive).
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_send_buffer_size(1 << 20).unwrap();
+    let mut socket = socket.connect(server.addr).await.unwrap();
     socket.write_all(&burst).await.unwrap();
 
     let answered = async {
