@@ -257,19 +257,15 @@ impl LockStore {
     /// released it, which cannot be told, so the error stands. Either way the
     /// lease no longer holds the lock.
     pub async fn release(&self, space: &Keys, name: &str, lease_id: &str) -> Result<bool> {
-        let mut call = self.scripts.release.prepare_invoke();
-        call.key(space.lock(name)).arg(lease_id).arg(&self.channel);
+        let key = space.lock(name);
         // One --redis-timeout in all, the second sending included.
         self.redis
             .within_timeout(async {
                 let mut conn = self.redis.connection().await?;
-                match self.redis.invoke_on::<i64>(&mut conn, &call).await {
-                    Ok(released) => Ok(released == 1),
-                    Err(err) if conn.is_dropped() => match self.redis.invoke::<i64>(&call).await? {
-                        1 => Ok(true),
-                        _ => Err(err),
-                    },
-                    Err(err) => Err(err),
+                match self.send_release(&key, lease_id, Some(&mut conn)).await? {
+                    (released, None) => Ok(released == 1),
+                    (1, Some(_)) => Ok(true),
+                    (_, Some(first)) => Err(first),
                 }
             })
             .await
@@ -281,21 +277,30 @@ impl LockStore {
     /// any connection when there is none or it died (then the acquire ran
     /// or never will). Logs what could not be released.
     async fn give_back(&self, key: &str, lease_id: &str, conn: Option<&mut Conn>) {
-        let mut call = self.scripts.release.prepare_invoke();
-        call.key(key).arg(lease_id).arg(&self.channel);
-        let result = match conn {
-            Some(conn) => match self.redis.invoke_on::<i64>(conn, &call).await {
-                Err(_) if conn.is_dropped() => self.redis.invoke::<i64>(&call).await,
-                result => result,
-            },
-            None => self.redis.invoke::<i64>(&call).await,
-        };
-        match result {
-            Ok(1) => tracing::debug!(%key, "released a lock its caller gave up on"),
+        match self.send_release(key, lease_id, conn).await {
+            Ok((1, _)) => tracing::debug!(%key, "released a lock its caller gave up on"),
             Ok(_) => {}
             // The lease then ends with its TTL.
             Err(err) => tracing::warn!(%err, %key, "could not release a lock its caller gave up on"),
         }
+    }
+
+    /// Runs lock_release.lua for `lease_id` of `key` on `conn` (any
+    /// connection when `None`); if that connection dies with it in flight,
+    /// runs it again on another (the first ran or never will, and a release
+    /// is idempotent). The script's reply, with the first sending's error
+    /// when the reply is the second's.
+    async fn send_release(&self, key: &str, lease_id: &str, conn: Option<&mut Conn>) -> Result<(i64, Option<Error>)> {
+        let mut call = self.scripts.release.prepare_invoke();
+        call.key(key).arg(lease_id).arg(&self.channel);
+        let first = match conn {
+            Some(conn) => match self.redis.invoke_on::<i64>(conn, &call).await {
+                Err(err) if conn.is_dropped() => err,
+                result => return result.map(|reply| (reply, None)),
+            },
+            None => return self.redis.invoke::<i64>(&call).await.map(|reply| (reply, None)),
+        };
+        Ok((self.redis.invoke::<i64>(&call).await?, Some(first)))
     }
 
     /// Sets the lease to end `ttl` from now; the new lease floor (as in

@@ -26,9 +26,9 @@
 -- plain values rather than tables, and nothing builds a closure per limit
 -- (a general script with tables took 7.6 us of Redis per one-bucket check,
 -- this one 6.9 us, a one-bucket-only script 5.3 us). Every run of a script
--- makes its functions afresh, so only those every check needs sit at the top
--- (the sliding window's helpers live inside it), and no table maps names to
--- deciders. Numbers go to redis.call as numbers: Redis writes them with 17
+-- makes its functions afresh, so fewer sit at the top: the sliding window's
+-- helpers are made inside it, only when a sliding window is checked, no
+-- table maps names to deciders, and no helper formats integers. Numbers go to redis.call as numbers: Redis writes them with 17
 -- significant digits, exact for these integers, without a string.format of
 -- ours (together 7% less Redis time per check than with both).
 --
