@@ -8,7 +8,7 @@
 //!   layer reads it, see [`crate::metrics::CallEnd`]).
 //! - [`Tracing::traced`] and [`Tracing::redis_op`]: a client span per Redis
 //!   call made under an RPC's span (`store/connection.rs`), named by the
-//!   command, or `EVALSHA <script>`. Never keys, values, tags or arguments:
+//!   command, or `EVALSHA <script>` / `FCALL <script>`. Never keys, values, tags or arguments:
 //!   keys are tenants' data.
 //!
 //! Like [`crate::metrics::Metrics`], the tracer is the server's own, never
@@ -175,14 +175,15 @@ fn redacted(endpoint: &str) -> String {
 
 // --- Redis spans ---
 
-/// Script names by SHA1, registered when the stores load their scripts
-/// (`store::script`), so a span says `EVALSHA get` rather than a hash.
+/// Script names by SHA1 (and Redis Functions' file names by function name),
+/// registered as the stores make them (`store::script`, `Function::new`), so
+/// a span says `EVALSHA get` rather than a hash.
 fn scripts() -> &'static RwLock<HashMap<String, &'static str>> {
     static SCRIPTS: OnceLock<RwLock<HashMap<String, &'static str>>> = OnceLock::new();
     SCRIPTS.get_or_init(Default::default)
 }
 
-/// Remembers the name of the script whose SHA1 is `hash`.
+/// Remembers the name of the script whose SHA1 (or function name) is `hash`.
 pub fn register_script(hash: &str, name: &'static str) {
     if let Ok(mut scripts) = scripts().write() {
         scripts.insert(hash.to_string(), name);
@@ -242,14 +243,15 @@ fn operation(cmd: &Cmd) -> (Cow<'static, str>, Option<&'static str>) {
     };
     let Some(name) = args.next().and_then(word) else { return (Cow::Borrowed("unknown"), None) };
     match name.as_str() {
-        "EVALSHA" => {
+        "EVALSHA" | "FCALL" => {
             let script = args
                 .next()
                 .and_then(|hash| std::str::from_utf8(hash).ok())
                 .and_then(|hash| scripts().read().ok()?.get(hash).copied());
-            (Cow::Borrowed("EVALSHA"), Some(script.unwrap_or("unknown")))
+            let operation = if name == "FCALL" { "FCALL" } else { "EVALSHA" };
+            (Cow::Borrowed(operation), Some(script.unwrap_or("unknown")))
         }
-        "SCRIPT" | "CLIENT" | "CONFIG" => match args.next().and_then(word) {
+        "SCRIPT" | "FUNCTION" | "CLIENT" | "CONFIG" => match args.next().and_then(word) {
             Some(sub) => (Cow::Owned(format!("{name} {sub}")), None),
             None => (Cow::Owned(name), None),
         },
@@ -467,6 +469,13 @@ mod tests {
         let mut evalsha = redis::cmd("EVALSHA");
         evalsha.arg(script.get_hash()).arg(1).arg("tenant:secret");
         assert_eq!(operation(&evalsha), (Cow::Borrowed("EVALSHA"), Some("probe")));
+        let function = crate::store::Function::new("fprobe.lua", "redis.register_function(FUNCTION_NAME, f)");
+        let mut fcall = function.prepare_call().command();
+        fcall.arg("tenant:secret");
+        assert_eq!(operation(&fcall), (Cow::Borrowed("FCALL"), Some("fprobe")));
+        let mut load = redis::cmd("FUNCTION");
+        load.arg("LOAD").arg("REPLACE").arg("#!lua name=x");
+        assert_eq!(operation(&load).0, "FUNCTION LOAD");
         let mut weird = redis::cmd("tenant:key with spaces");
         weird.arg("x");
         assert_eq!(operation(&weird).0, "unknown");

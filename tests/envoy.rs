@@ -225,16 +225,16 @@ async fn a_request_over_any_limit_consumes_none_of_its_limits() {
 async fn one_script_call_per_request_and_none_without_a_limit() {
     let rls = Rls::start(CONFIG, &[]).await;
     let mut client = rls.client();
-    one(&mut client, &[("hot", "warm-up")]).await; // loads the script
-    let before = rls.redis.calls("evalsha").await;
+    one(&mut client, &[("hot", "warm-up")]).await; // loads the function
+    let before = rls.redis.calls("fcall").await;
     let three = request(
         "edge",
         vec![descriptor(&[("hot", "a")]), descriptor(&[("path", "/login")]), descriptor(&[("remote_address", "a")])],
     );
     ask(&mut client, three).await;
-    assert_eq!(rls.redis.calls("evalsha").await, before + 1);
+    assert_eq!(rls.redis.calls("fcall").await, before + 1);
     ask(&mut client, request("edge", vec![descriptor(&[("country", "fr")]), descriptor(&[("internal", "x")])])).await;
-    assert_eq!(rls.redis.calls("evalsha").await, before + 1);
+    assert_eq!(rls.redis.calls("fcall").await, before + 1);
 }
 
 #[tokio::test]

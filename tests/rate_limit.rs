@@ -448,7 +448,7 @@ async fn one_redis_round_trip_per_check_whatever_the_number_of_limits() {
             })
             .collect::<Vec<_>>()
     };
-    // The first call loads the script (NOSCRIPT, then EVAL).
+    // The first call loads the function (not found, FUNCTION LOAD, FCALL).
     assert!(check(&mut client, request(limits())).await.allowed);
     let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut conn).await.unwrap();
     let response = check(&mut client, request(limits())).await;
@@ -456,10 +456,59 @@ async fn one_redis_round_trip_per_check_whatever_the_number_of_limits() {
     assert_eq!(response.statuses.len(), 200);
     let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut conn).await.unwrap();
     let calls = redis.command_calls().await;
-    assert_eq!(calls.get("evalsha"), Some(&1), "{stats}");
-    let evalsha = stats.lines().find(|line| line.starts_with("cmdstat_evalsha:")).unwrap_or_default();
-    println!("one Check of 200 limits (the most --rate-limit-max-limits allows by default), inside Redis: {evalsha}");
-    assert_eq!(calls.get("eval"), None, "{stats}");
+    assert_eq!(calls.get("fcall"), Some(&1), "{stats}");
+    let fcall = stats.lines().find(|line| line.starts_with("cmdstat_fcall:")).unwrap_or_default();
+    println!("one Check of 200 limits (the most --rate-limit-max-limits allows by default), inside Redis: {fcall}");
+    assert_eq!(calls.get("function|load"), None, "{stats}");
+}
+
+#[tokio::test]
+async fn a_server_that_lost_the_function_gets_it_again_and_each_version_keeps_its_own() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start(&redis).await;
+    let mut client = server.rate_limit();
+    let mut conn = redis.client().await;
+    let limits = || vec![limit("lost", 2, MONTH_MS, Algorithm::TokenBucket)];
+    // Another version's library, as during a rolling upgrade: left alone.
+    let other = "#!lua name=cachecoord_rate_limit_check_0000000000000000\n\
+                 redis.register_function('cachecoord_rate_limit_check_0000000000000000', function() return 0 end)";
+    let _: String = redis::cmd("FUNCTION").arg("LOAD").arg(other).query_async(&mut conn).await.unwrap();
+    assert_eq!(check(&mut client, request(limits())).await.statuses[0].remaining, 1);
+    assert_eq!(libraries(&mut conn).await.len(), 2, "ours loaded beside the other");
+
+    // As after a restart without persistence.
+    let _: () = redis::cmd("FUNCTION").arg("FLUSH").query_async(&mut conn).await.unwrap();
+    assert!(libraries(&mut conn).await.is_empty());
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query_async(&mut conn).await.unwrap();
+    let response = check(&mut client, request(limits())).await;
+    assert!(response.allowed);
+    assert_eq!(response.statuses[0].remaining, 0, "the state survived; only the function was lost");
+    let calls = redis.command_calls().await;
+    assert_eq!((calls.get("fcall"), calls.get("function|load")), (Some(&2), Some(&1)), "{calls:?}");
+    let names = libraries(&mut conn).await;
+    assert!(names.len() == 1 && names[0].starts_with("cachecoord_rate_limit_check_"), "{names:?}");
+    assert!(!check(&mut client, request(limits())).await.allowed);
+}
+
+/// The names of the function libraries loaded on the server.
+async fn libraries(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
+    use redis::Value;
+    let list: Vec<Value> = redis::cmd("FUNCTION").arg("LIST").query_async(conn).await.unwrap();
+    let text = |value: &Value| match value {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        Value::SimpleString(text) => text.clone(),
+        _ => String::new(),
+    };
+    list.iter()
+        .filter_map(|library| {
+            let fields: Vec<(&Value, &Value)> = match library {
+                Value::Map(fields) => fields.iter().map(|(k, v)| (k, v)).collect(),
+                Value::Array(flat) => flat.chunks_exact(2).map(|kv| (&kv[0], &kv[1])).collect(),
+                _ => return None,
+            };
+            fields.into_iter().find(|(k, _)| text(k) == "library_name").map(|(_, v)| text(v))
+        })
+        .collect()
 }
 
 #[tokio::test]

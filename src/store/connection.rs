@@ -64,6 +64,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{
     batch::Batched,
+    function::FunctionCall,
     topology::{Auth, Node, Topology},
 };
 use crate::{
@@ -224,6 +225,7 @@ struct InFlight {
 /// What a call sends.
 enum Call<'a> {
     Script(&'a ScriptInvocation<'a>),
+    Function(&'a FunctionCall<'a>),
     Cmd(&'a Cmd),
 }
 
@@ -288,6 +290,16 @@ impl Redis {
         self.bounded(async {
             let mut conn = self.pick().conn(&self.shared.pool).await?;
             self.send(&mut conn, Call::Script(script)).await
+        })
+        .await
+    }
+
+    /// Calls a Redis Function (FCALL, loading its library on first use or
+    /// after a restart).
+    pub async fn call_function<T: FromRedisValue>(&self, function: &FunctionCall<'_>) -> Result<T> {
+        self.bounded(async {
+            let mut conn = self.pick().conn(&self.shared.pool).await?;
+            self.send(&mut conn, Call::Function(function)).await
         })
         .await
     }
@@ -390,13 +402,16 @@ impl Redis {
             fence: Some(conn.wire.clone()),
             metrics: metrics.clone(),
         };
-        let is_script = matches!(call, Call::Script(_));
-        // A span per command sent (EVALSHA, and SCRIPT LOAD after NOSCRIPT)
-        // only when tracing is on and an RPC's span is current.
+        let is_script = !matches!(call, Call::Cmd(_));
+        // A span per command sent (EVALSHA, and SCRIPT LOAD after NOSCRIPT;
+        // FCALL, and FUNCTION LOAD) only when tracing is on and an RPC's
+        // span is current.
         let result = match (self.shared.tracing.traced(&mut conn.wire), call) {
             (None, Call::Script(script)) => script.invoke_async(&mut conn.wire).await,
+            (None, Call::Function(function)) => function.invoke_async(&mut conn.wire).await,
             (None, Call::Cmd(cmd)) => cmd.query_async(&mut conn.wire).await,
             (Some(mut traced), Call::Script(script)) => script.invoke_async(&mut traced).await,
+            (Some(mut traced), Call::Function(function)) => function.invoke_async(&mut traced).await,
             (Some(mut traced), Call::Cmd(cmd)) => cmd.query_async(&mut traced).await,
         };
         flight.land();

@@ -8,6 +8,7 @@
 mod batch;
 pub mod cache;
 mod connection;
+mod function;
 pub mod invalidation;
 pub mod lock;
 pub mod rate_limit;
@@ -19,6 +20,7 @@ mod wake;
 use std::time::Duration;
 
 pub use connection::{Conn, Redis};
+pub(crate) use function::Function;
 pub use topology::Topology;
 
 /// Whole milliseconds (the scripts' unit), rounded up so a positive TTL never

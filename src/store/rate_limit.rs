@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use deadpool_redis::redis::Script;
 
-use super::Redis;
+use super::{Function, Redis};
 use crate::{
     error::{Error, Result},
     keys::Keys,
@@ -116,7 +116,7 @@ pub struct RateLimitStore {
     redis: Redis,
     keys: Keys,
     /// Decides and consumes all limits of a Check (`lua/rate_limit_check.lua`).
-    check: Script,
+    check: Function,
     /// Clears keys (`lua/rate_limit_reset.lua`).
     reset: Script,
     /// Gives back a consumption (`lua/rate_limit_refund.lua`).
@@ -129,7 +129,7 @@ impl RateLimitStore {
         Self {
             redis,
             keys,
-            check: super::script("rate_limit_check.lua", include_str!("lua/rate_limit_check.lua")),
+            check: Function::new("rate_limit_check.lua", include_str!("lua/rate_limit_check.lua")),
             reset: super::script("rate_limit_reset.lua", include_str!("lua/rate_limit_reset.lua")),
             refund: super::script("rate_limit_refund.lua", include_str!("lua/rate_limit_refund.lua")),
         }
@@ -221,7 +221,7 @@ impl RateLimitStore {
     /// Decides (and, if all its enforced parts allow, consumes) the parts
     /// of one slot's `group` in one script call.
     async fn check_slot(&self, keys: &[String], parts: &[Part<'_>], group: &[usize]) -> Result<Vec<(Decision, i64)>> {
-        let mut call = self.check.prepare_invoke();
+        let mut call = self.check.prepare_call();
         for &i in group {
             let part = &parts[i];
             let limit = &part.limit;
@@ -229,7 +229,7 @@ impl RateLimitStore {
             call.arg(limit.algorithm.code()).arg(limit.limit).arg(limit.period_ms).arg(limit.burst);
             call.arg(part.cost).arg(part.flags());
         }
-        let reply: Vec<i64> = self.redis.invoke(&call).await?;
+        let reply: Vec<i64> = self.redis.call_function(&call).await?;
         parse_check(&reply, group.len())
     }
 

@@ -155,7 +155,7 @@ struct Slowlog {
     /// The slowest command and its time, µs.
     command: String,
     micros: u64,
-    /// The scripts (EVALSHA), and their time in all, µs.
+    /// The scripts (EVALSHA) and functions (FCALL), and their time in all, µs.
     commands: usize,
     total_micros: u64,
 }
@@ -167,7 +167,8 @@ async fn slowest(admin: &mut MultiplexedConnection) -> Fallible<Slowlog> {
     let mut worst = Slowlog { command: String::from("-"), micros: 0, commands: 0, total_micros: 0 };
     let stats: String = redis::cmd("INFO").arg("commandstats").query_async(admin).await?;
     for line in stats.lines() {
-        let Some(fields) = line.strip_prefix("cmdstat_evalsha:").or_else(|| line.strip_prefix("cmdstat_eval:")) else {
+        let scripts = ["cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_fcall:"];
+        let Some(fields) = scripts.iter().find_map(|prefix| line.strip_prefix(prefix)) else {
             continue;
         };
         for field in fields.split(',') {
@@ -187,7 +188,8 @@ async fn slowest(admin: &mut MultiplexedConnection) -> Fallible<Slowlog> {
             Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).to_uppercase(),
             _ => continue,
         };
-        if matches!(name.as_str(), "SLOWLOG" | "PING" | "SCRIPT" | "CLIENT" | "HELLO" | "INFO" | "CONFIG") {
+        if matches!(name.as_str(), "SLOWLOG" | "PING" | "SCRIPT" | "FUNCTION" | "CLIENT" | "HELLO" | "INFO" | "CONFIG")
+        {
             continue;
         }
         let micros = *micros as u64;

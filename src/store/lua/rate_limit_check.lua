@@ -1,9 +1,17 @@
 -- Decides a check against all of its limits and, when every enforced limit
 -- allows it, consumes each limit's cost from every limit that allows it and
 -- is not peeked: all-or-nothing.
--- KEYS: one state key per limit, in request order (P:rl:f:K, P:rl:s:K or
+--
+-- A Redis Function library (Redis 7), not a script: `store/function.rs`
+-- names it and loads it. A script's body runs whole on every EVALSHA, making
+-- its local functions afresh each time; a library's top level runs once, at
+-- load, and only `check` runs per call (1.2 us less Redis per one-bucket
+-- check: BENCHMARKS.md). The standard libraries are out of reach while a
+-- library loads (Redis 7.0), so the aliases below are taken at each call.
+--
+-- keys: one state key per limit, in request order (P:rl:f:K, P:rl:s:K or
 --       P:rl:t:K by algorithm; src/keys.rs).
--- ARGV: six per limit: algorithm ('f' fixed window, 's' sliding window,
+-- args: six per limit: algorithm ('f' fixed window, 's' sliding window,
 --       't' token bucket), limit, period ms, burst (bucket; else 0), cost,
 --       flags: '' or any of 'p' (peek: decide, never write) and 'a'
 --       (advisory: a denial is reported but does not deny the request, as
@@ -13,8 +21,8 @@
 --       counted in (its index; 0 for a bucket), which a refund
 --       (rate_limit_refund.lua) needs.
 --
--- A script, not MULTI: each decision reads stored state and the clock, and
--- whether anything is written depends on every decision, so reading,
+-- Lua in Redis, not MULTI: each decision reads stored state and the clock,
+-- and whether anything is written depends on every decision, so reading,
 -- deciding and writing must be one atomic step. Two passes: first decide
 -- every limit from the current state (reads only), then, only if every
 -- enforced limit allows, write the new state of each limit that allows and
@@ -23,14 +31,12 @@
 -- limit (the common Check) is decided and written in one pass.
 --
 -- Written for Redis's CPU, as this runs once per Check: the deciders return
--- plain values rather than tables, and nothing builds a closure per limit
--- (a general script with tables took 7.6 us of Redis per one-bucket check,
--- this one 6.9 us, a one-bucket-only script 5.3 us). Every run of a script
--- makes its functions afresh, so fewer sit at the top: the sliding window's
--- helpers are made inside it, only when a sliding window is checked, no
--- table maps names to deciders, and no helper formats integers. Numbers go to redis.call as numbers: Redis writes them with 17
+-- plain values rather than tables, and nothing builds a closure or a table
+-- per limit (a general script with tables took 7.6 us of Redis per
+-- one-bucket check, this one as a script 6.9 us, a one-bucket-only script
+-- 5.3 us). Numbers go to redis.call as numbers: Redis writes them with 17
 -- significant digits, exact for these integers, without a string.format of
--- ours (together 7% less Redis time per check than with both).
+-- ours.
 --
 -- Clock: Redis TIME, read once, in whole milliseconds; never the caller's.
 -- Arithmetic: integers only (ms, units); Lua's doubles hold them exactly
@@ -46,10 +52,8 @@
 --            per ms, so the theoretical arrival time is t + d / limit.
 --            Expires when the debt reaches zero: a missing bucket is full.
 
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-
-local floor, max, find = math.floor, math.max, string.find
+-- Set at the start of each call (Redis runs one at a time).
+local now, floor, max, find
 
 -- floor(a / b) for integers a >= 0, b > 0, corrected where the float
 -- division rounded up to the next integer.
@@ -98,22 +102,22 @@ local function fixed(key, limit, period, _, cost)
     'w', w, 'n', n + cost
 end
 
+-- The sliding window's remaining count and reset time with `c` counted in
+-- window w (weighted: what window w - 1 still counts, times period).
+local function sliding_remaining(cap, weighted, c, period)
+  return idiv(max(0, cap - weighted - c * period), period)
+end
+
+local function sliding_reset(c, prev, period, e)
+  if c > 0 then
+    return 2 * period - e
+  elseif prev > 0 then
+    return period - e
+  end
+  return 0
+end
+
 local function sliding(key, limit, period, _, cost)
-  -- The sliding window's remaining count and reset time with `c` counted in
-  -- window w (weighted: what window w - 1 still counts, times period).
-  local function sliding_remaining(cap, weighted, c, period)
-    return idiv(max(0, cap - weighted - c * period), period)
-  end
-
-  local function sliding_reset(c, prev, period, e)
-    if c > 0 then
-      return 2 * period - e
-    elseif prev > 0 then
-      return period - e
-    end
-    return 0
-  end
-
   local w = idiv(now, period)
   local e = now - w * period
   local s = redis.call('HMGET', key, 'w', 'c', 'p')
@@ -193,11 +197,11 @@ local function settle(key, consume, ok, retry, r0, r1, s0, s1, ttl, w, f1, v1, f
   return 1, r1, s1, retry, w
 end
 
-local function decide(i)
+local function decide(keys, args, i)
   local base = (i - 1) * 6
-  local algorithm, key = ARGV[base + 1], KEYS[i]
-  local limit, period, burst, cost = tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]),
-    tonumber(ARGV[base + 5])
+  local algorithm, key = args[base + 1], keys[i]
+  local limit, period, burst, cost = tonumber(args[base + 2]), tonumber(args[base + 3]), tonumber(args[base + 4]),
+    tonumber(args[base + 5])
   if algorithm == 't' then
     return bucket(key, limit, period, burst, cost)
   elseif algorithm == 's' then
@@ -212,26 +216,37 @@ local function has(flags, flag)
   return flags ~= '' and find(flags, flag, 1, true) ~= nil
 end
 
--- One limit: its own decision is the whole check.
-if #KEYS == 1 then
-  return {settle(KEYS[1], not has(ARGV[6], 'p'), decide(1))}
+local function check(keys, args)
+  floor, max, find = math.floor, math.max, string.find
+  -- Clock: Redis TIME, read once per call, in whole milliseconds.
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000 + floor(tonumber(time[2]) / 1000)
+
+  -- One limit: its own decision is the whole check.
+  if #keys == 1 then
+    return {settle(keys[1], not has(args[6], 'p'), decide(keys, args, 1))}
+  end
+
+  -- Pass 1: decide every limit; read only. A decision is the decider's values.
+  local decisions = {}
+  local all = true
+  for i = 1, #keys do
+    local d = {decide(keys, args, i)}
+    decisions[i] = d
+    all = all and (d[1] or has(args[i * 6], 'a'))
+  end
+
+  -- Pass 2: consume from every limit that allows and is not peeked, or from none.
+  local out = {}
+  for i, key in ipairs(keys) do
+    local d = decisions[i]
+    local allowed, remaining, reset, retry, window = settle(key, all and not has(args[i * 6], 'p'), unpack(d, 1, 14))
+    local o = (i - 1) * 5
+    out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = allowed, remaining, reset, retry, window
+  end
+  return out
 end
 
--- Pass 1: decide every limit; read only. A decision is the decider's values.
-local decisions = {}
-local all = true
-for i = 1, #KEYS do
-  local d = {decide(i)}
-  decisions[i] = d
-  all = all and (d[1] or has(ARGV[i * 6], 'a'))
-end
-
--- Pass 2: consume from every limit that allows and is not peeked, or from none.
-local out = {}
-for i, key in ipairs(KEYS) do
-  local d = decisions[i]
-  local allowed, remaining, reset, retry, window = settle(key, all and not has(ARGV[i * 6], 'p'), unpack(d, 1, 14))
-  local o = (i - 1) * 5
-  out[o + 1], out[o + 2], out[o + 3], out[o + 4], out[o + 5] = allowed, remaining, reset, retry, window
-end
-return out
+-- FUNCTION_NAME is set by store/function.rs, which names the library after
+-- its code.
+redis.register_function(FUNCTION_NAME, check)
