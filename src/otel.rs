@@ -8,8 +8,8 @@
 //!   layer reads it, see [`crate::metrics::CallEnd`]).
 //! - [`Tracing::traced`] and [`Tracing::redis_op`]: a client span per Redis
 //!   call made under an RPC's span (`store/connection.rs`), named by the
-//!   command, or `EVALSHA <script>` / `FCALL <script>`. Never keys, values, tags or arguments:
-//!   keys are tenants' data.
+//!   command, or `EVALSHA <script>` / `FCALL <script>`. Never keys, values,
+//!   tags or arguments: keys are tenants' data.
 //!
 //! Like [`crate::metrics::Metrics`], the tracer is the server's own, never
 //! the process-global one, so several servers in one process (tests) keep
