@@ -490,6 +490,18 @@ async fn a_server_that_lost_the_function_gets_it_again_and_each_version_keeps_it
     assert!(!check(&mut client, request(limits())).await.allowed);
 }
 
+#[tokio::test]
+async fn on_a_redis_without_functions_a_check_fails_internal_and_the_rest_works() {
+    // What Redis 6 answers to FCALL (README: Redis 7 is required).
+    let redis = RedisServer::start_with(&["--rename-command", "FCALL", ""], None).await;
+    let server = TestServer::start(&redis).await;
+    let mut client = server.rate_limit();
+    let status = client.check(request(vec![limit("old", 2, MONTH_MS, Algorithm::TokenBucket)])).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    let reset = client.reset_limits(ResetLimitsRequest { keys: vec!["old".into()] }).await.unwrap().into_inner();
+    assert_eq!(reset.reset, 0, "nothing was written");
+}
+
 /// The names of the function libraries loaded on the server.
 async fn libraries(conn: &mut redis::aio::MultiplexedConnection) -> Vec<String> {
     use redis::Value;

@@ -287,28 +287,26 @@ impl Redis {
 
     /// Runs a script (EVALSHA, loading it on first use or after a restart).
     pub async fn invoke<T: FromRedisValue>(&self, script: &ScriptInvocation<'_>) -> Result<T> {
-        self.bounded(async {
-            let mut conn = self.pick().conn(&self.shared.pool).await?;
-            self.send(&mut conn, Call::Script(script)).await
-        })
-        .await
+        self.send_on_any(Call::Script(script)).await
     }
 
     /// Calls a Redis Function (FCALL, loading its library on first use or
     /// after a restart).
     pub async fn call_function<T: FromRedisValue>(&self, function: &FunctionCall<'_>) -> Result<T> {
-        self.bounded(async {
-            let mut conn = self.pick().conn(&self.shared.pool).await?;
-            self.send(&mut conn, Call::Function(function)).await
-        })
-        .await
+        self.send_on_any(Call::Function(function)).await
     }
 
     /// Runs one command.
     pub async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T> {
+        self.send_on_any(Call::Cmd(cmd)).await
+    }
+
+    /// Sends `call` on the connection [`Redis::pick`] chooses, bounded by
+    /// one `--redis-timeout`, connecting included.
+    async fn send_on_any<T: FromRedisValue>(&self, call: Call<'_>) -> Result<T> {
         self.bounded(async {
             let mut conn = self.pick().conn(&self.shared.pool).await?;
-            self.send(&mut conn, Call::Cmd(cmd)).await
+            self.send(&mut conn, call).await
         })
         .await
     }
