@@ -480,6 +480,46 @@ async fn get_many_reads_values_beyond_one_scripts_byte_budget() {
     }
 }
 
+/// One get.lua call reads at most 1,000 keys (its TTLs go packed through
+/// one Lua `unpack`, which takes a few thousand values); a larger batch,
+/// where --max-batch allows one, is read in several calls and answered whole.
+#[tokio::test]
+async fn get_many_of_more_keys_than_one_script_reads_answers_every_key() {
+    let redis = RedisServer::start().await;
+    let server = TestServer::start_with(&redis, &["--max-batch", "2500"]).await;
+    let mut cache = server.cache();
+    // Every third key is a miss; the others carry their index as value and
+    // a TTL that tells them apart.
+    let items: Vec<SetItem> = (0..2500)
+        .filter(|i| i % 3 != 0)
+        .map(|i| SetItem {
+            key: format!("k{i}"),
+            value: i.to_string().into_bytes(),
+            ttl: ms(100_000 + i * 100),
+            tags: vec![],
+        })
+        .collect();
+    cache.set_many(SetManyRequest { items }).await.unwrap();
+    let keys: Vec<String> = (0..2500).map(|i| format!("k{i}")).collect();
+    // Loaded first, so that no call below is a NOSCRIPT retry.
+    cache.get(get("k1")).await.unwrap();
+    let before = redis.calls("evalsha").await;
+    let entries = cache.get_many(GetManyRequest { keys: keys.clone() }).await.unwrap().into_inner().entries;
+    assert_eq!(redis.calls("evalsha").await - before, 3, "2,500 keys in runs of at most 1,000");
+    assert_eq!(entries.len(), 2500);
+    for (i, (entry, key)) in (0..).zip(entries.into_iter().zip(&keys)) {
+        assert_eq!(&entry.key, key);
+        assert_eq!(entry.found, i % 3 != 0, "{key}");
+        if entry.found {
+            assert_eq!(entry.value, i.to_string().into_bytes(), "{key}");
+            let ttl = ttl_ms(entry.ttl);
+            assert!(ttl <= 100_000 + i * 100 && ttl > 90_000 + i * 100, "{key}: {ttl} ms");
+        } else {
+            assert!(entry.value.is_empty() && entry.ttl.is_none(), "{key}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn set_many_beyond_one_scripts_bounds_writes_every_item_and_tag() {
     let redis = RedisServer::start().await;

@@ -763,6 +763,40 @@ async fn a_check_holds_at_most_200_limits_by_default() {
     );
 }
 
+/// A check answers five integers per limit packed into one string, built a
+/// limit at a time: where the flags allow thousands of limits in one check,
+/// every one gets its own verdict, and a denial still consumes from none.
+#[tokio::test]
+async fn a_check_of_2000_limits_answers_each_and_stays_all_or_nothing() {
+    let redis = RedisServer::start().await;
+    let flags = ["--rate-limit-max-limits", "2000", "--max-batch", "2000"];
+    let server = TestServer::start_with(&redis, &flags).await;
+    let mut client = server.rate_limit();
+    // Limit i admits i % 7 + 1 units; the check costs one of each.
+    let limits: Vec<Limit> =
+        (0..2000).map(|i| limit(&format!("k{i}"), i % 7 + 1, 60_000, Algorithm::FixedWindow)).collect();
+    let response = check(&mut client, request(limits.clone())).await;
+    assert!(response.allowed);
+    assert_eq!(response.statuses.len(), 2000);
+    for (i, status) in (0..).zip(&response.statuses) {
+        assert_eq!(status.key, format!("k{i}"));
+        assert!(status.allowed, "k{i}");
+        assert_eq!(status.remaining, i % 7, "k{i}");
+        assert!(millis(&status.reset_after) > 0, "k{i}");
+    }
+    // The limits of one unit are spent now: the check is denied, they say
+    // so, and nothing is taken from the others.
+    let response = check(&mut client, request(limits.clone())).await;
+    assert!(!response.allowed);
+    for (i, status) in (0..).zip(&response.statuses) {
+        assert_eq!(status.allowed, i % 7 != 0, "k{i}");
+        assert_eq!(status.remaining, i % 7, "k{i}");
+        if i % 7 == 0 {
+            assert!(millis(&status.retry_after) > 0, "k{i}");
+        }
+    }
+}
+
 /// ResetLimits of more keys than one reset script takes (100) clears every
 /// one of them under every algorithm.
 #[tokio::test]

@@ -229,7 +229,7 @@ impl RateLimitStore {
             call.arg(limit.algorithm.code()).arg(limit.limit).arg(limit.period_ms).arg(limit.burst);
             call.arg(part.cost).arg(part.flags());
         }
-        let reply: Vec<i64> = self.redis.call_function(&call).await?;
+        let reply: Vec<u8> = self.redis.call_function(&call).await?;
         parse_check(&reply, group.len())
     }
 
@@ -291,14 +291,14 @@ impl RateLimitStore {
     }
 }
 
-/// The verdicts of one check script reply: per limit, its decision and the
-/// window it counted in.
-fn parse_check(reply: &[i64], limits: usize) -> Result<Vec<(Decision, i64)>> {
-    if reply.len() != limits * 5 {
-        return Err(Error::Internal(format!("check returned {} values for {limits} limits", reply.len())));
-    }
+/// The verdicts of one check reply (five packed integers per limit): per
+/// limit, its decision and the window it counted in.
+fn parse_check(reply: &[u8], limits: usize) -> Result<Vec<(Decision, i64)>> {
+    let values: Vec<i64> = super::unpack_integers(reply, limits * 5)
+        .ok_or_else(|| Error::Internal(format!("check returned {} bytes for {limits} limits", reply.len())))?
+        .collect();
     let millis = |ms: i64| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    Ok(reply
+    Ok(values
         .chunks_exact(5)
         .map(|row| {
             let decision = Decision {

@@ -7,15 +7,20 @@
 --          (read in vain: at most one value per call, against a STRLEN for
 --          every key, which took a fifth of Redis's time in a read of 100
 --          small values).
--- Returns: a flat list with two items per key, in order: the value and its
--- PTTL in ms (-1: no expiry); a miss is '', -2; a value left for another
--- call (the one over the budget and every one after it) is '', -3. Flat,
--- and no Lua false (a RESP3 client would read it as a boolean): nested
--- tables cost Redis more CPU than the reads themselves.
+-- Returns: a flat list. First every key's PTTL in ms, in order, packed as
+-- little-endian 64-bit integers in one string (-1: no expiry, -2: a miss,
+-- -3: left for another call, the one over the budget and every one after
+-- it); then each key's value, in order ('' for a miss or a key left over).
+-- The TTLs go packed because the service's RESP parser spends more on each
+-- reply item than Redis does (about as much as on 100 bytes of value): 100
+-- keys came back as 200 items, now 101. Flat, and no Lua false (a RESP3
+-- client would read it as a boolean): nested tables cost Redis more CPU
+-- than the reads themselves.
 -- A script rather than a pipeline so each value and its TTL belong together.
 local budget = tonumber(ARGV[1])
 local used = 0
-local out = {}
+local out = {''}
+local ttls = {}
 local n = #KEYS
 local i = 1
 while i <= n and (i == 1 or used < budget) do
@@ -26,16 +31,17 @@ while i <= n and (i == 1 or used < budget) do
     if i > 1 and used > budget then
       break
     end
-    out[2 * i - 1] = value
-    out[2 * i] = redis.call('PTTL', e)
+    out[i + 1] = value
+    ttls[i] = redis.call('PTTL', e)
   else
-    out[2 * i - 1] = ''
-    out[2 * i] = -2
+    out[i + 1] = ''
+    ttls[i] = -2
   end
   i = i + 1
 end
 for j = i, n do
-  out[2 * j - 1] = ''
-  out[2 * j] = -3
+  out[j + 1] = ''
+  ttls[j] = -3
 end
+out[1] = struct.pack('<' .. string.rep('i8', n), unpack(ttls, 1, n))
 return out
