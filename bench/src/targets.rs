@@ -438,7 +438,7 @@ impl Worker {
             Target::RedisEvalGet => {
                 let mut call = c.get_script.prepare_invoke();
                 call.key(HOT);
-                let _: Vec<(Vec<u8>, i64)> = call.invoke_async(&mut self.plain).await.map_err(|e| err(&e))?;
+                let _: (Vec<u8>, Vec<u8>) = call.invoke_async(&mut self.plain).await.map_err(|e| err(&e))?;
             }
             Target::RedisGetPttl => {
                 let (value, _ttl): (Option<Vec<u8>>, i64) =
