@@ -201,8 +201,9 @@ impl CacheStore {
     /// Reads entries in order: one script call per hash slot (one in all on
     /// a single server) and run of [`READS_PER_SCRIPT`] keys, a few at a
     /// time, each copying at most [`SCRIPT_VALUE_BYTES`] of values (or one
-    /// value); keys left over are read by further calls. Each entry's value and TTL are read together;
-    /// entries read by different calls are not one snapshot.
+    /// value); keys left over are read by further calls. Each entry's value
+    /// and TTL are read together; entries read by different calls are not
+    /// one snapshot.
     pub async fn get_many(&self, space: &Keys, keys: &[String]) -> Result<Vec<Entry>> {
         let entry_keys: Vec<String> = keys.iter().map(|key| space.cache_entry(key)).collect();
         let mut entries = vec![Entry { value: None, ttl: None }; keys.len()];
