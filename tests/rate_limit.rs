@@ -786,7 +786,7 @@ async fn a_check_of_2000_limits_answers_each_and_stays_all_or_nothing() {
     }
     // The limits of one unit are spent now: the check is denied, they say
     // so, and nothing is taken from the others.
-    let response = check(&mut client, request(limits.clone())).await;
+    let response = check(&mut client, request(limits)).await;
     assert!(!response.allowed);
     for (i, status) in (0..).zip(&response.statuses) {
         assert_eq!(status.allowed, i % 7 != 0, "k{i}");

@@ -44,8 +44,9 @@ const INDEX_STEPS: usize = 6;
 /// the new one).
 const MEMBER_STEPS: usize = 2;
 
-/// Keys one get.lua call reads (about 1.2 µs of Redis each); it packs their
-/// TTLs through one Lua `unpack`, which takes a few thousand values at most.
+/// Keys one get.lua call reads (about 1.2 µs of Redis each; the rest of a
+/// slot's keys wait for the next round): it packs their TTLs through one Lua
+/// `unpack`, which takes a few thousand values at most.
 const READS_PER_SCRIPT: usize = 1000;
 
 /// Entries one delete.lua or invalidate_entries.lua call deals with (about
@@ -199,40 +200,40 @@ impl CacheStore {
     }
 
     /// Reads entries in order: one script call per hash slot (one in all on
-    /// a single server) and run of [`READS_PER_SCRIPT`] keys, a few at a
-    /// time, each copying at most [`SCRIPT_VALUE_BYTES`] of values (or one
-    /// value); keys left over are read by further calls. Each entry's value
-    /// and TTL are read together; entries read by different calls are not
-    /// one snapshot.
+    /// a single server), a few at a time, each reading at most
+    /// [`READS_PER_SCRIPT`] keys and copying at most [`SCRIPT_VALUE_BYTES`]
+    /// of values (or one value); keys left over are read by further rounds.
+    /// Each entry's value and TTL are read together; entries read by
+    /// different calls are not one snapshot.
     pub async fn get_many(&self, space: &Keys, keys: &[String]) -> Result<Vec<Entry>> {
         let entry_keys: Vec<String> = keys.iter().map(|key| space.cache_entry(key)).collect();
         let mut entries = vec![Entry { value: None, ttl: None }; keys.len()];
-        let mut pending: Vec<Vec<usize>> = self
-            .redis
-            .slot_groups(entry_keys.iter().map(String::as_str))
-            .iter()
-            .flat_map(|group| group.chunks(READS_PER_SCRIPT).map(<[usize]>::to_vec))
-            .collect();
+        let mut pending = self.redis.slot_groups(entry_keys.iter().map(String::as_str));
         let entry_keys = &entry_keys;
         while !pending.is_empty() {
             let reads = pending.iter().map(|group| async move {
+                let run = &group[..group.len().min(READS_PER_SCRIPT)];
                 let mut call = self.scripts.get.prepare_invoke();
-                for &i in group {
+                for &i in run {
                     call.key(&entry_keys[i]);
                 }
                 call.arg(SCRIPT_VALUE_BYTES);
                 let reply: Vec<Value> = self.redis.invoke(&call).await?;
-                parse_entries(reply, group.len())
+                parse_entries(reply, run.len())
             });
             let mut next = Vec::new();
             for (group, read) in pending.iter().zip(at_most_a_few(reads.collect()).await?) {
                 let mut left = Vec::new();
+                // Keys past the script's run wait for the next round, as do
+                // those past its byte budget.
+                let past_run = group.get(read.len()..).unwrap_or_default();
                 for (&i, entry) in group.iter().zip(read) {
                     match entry {
                         Some(entry) => entries[i] = entry,
                         None => left.push(i),
                     }
                 }
+                left.extend_from_slice(past_run);
                 // The script always reads a group's first key: each round
                 // makes progress.
                 if left.len() == group.len() {

@@ -294,20 +294,21 @@ impl RateLimitStore {
 /// The verdicts of one check reply (five packed integers per limit): per
 /// limit, its decision and the window it counted in.
 fn parse_check(reply: &[u8], limits: usize) -> Result<Vec<(Decision, i64)>> {
-    let values: Vec<i64> = super::unpack_integers(reply, limits * 5)
-        .ok_or_else(|| Error::Internal(format!("check returned {} bytes for {limits} limits", reply.len())))?
-        .collect();
+    let mut values = super::unpack_integers(reply, limits * 5)
+        .ok_or_else(|| Error::Internal(format!("check returned {} bytes for {limits} limits", reply.len())))?;
     let millis = |ms: i64| Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    Ok(values
-        .chunks_exact(5)
-        .map(|row| {
+    Ok((0..limits)
+        .map(|_| {
+            // The length was checked: every limit has its five.
+            let [allowed, remaining, reset_after, retry_after, window] =
+                std::array::from_fn(|_| values.next().unwrap_or_default());
             let decision = Decision {
-                allowed: row[0] == 1,
-                remaining: u64::try_from(row[1]).unwrap_or(0),
-                reset_after: millis(row[2]),
-                retry_after: millis(row[3]),
+                allowed: allowed == 1,
+                remaining: u64::try_from(remaining).unwrap_or(0),
+                reset_after: millis(reset_after),
+                retry_after: millis(retry_after),
             };
-            (decision, row[4])
+            (decision, window)
         })
         .collect())
 }
